@@ -1,7 +1,10 @@
 # Small helpers shared by every component's CMakeLists.txt.
 
 function(keel_add_optional_subdirectory dir)
-  if(EXISTS ${CMAKE_SOURCE_DIR}/${dir}/CMakeLists.txt)
+  if(NOT IS_ABSOLUTE ${dir})
+    set(dir ${CMAKE_SOURCE_DIR}/${dir})
+  endif()
+  if(EXISTS ${dir}/CMakeLists.txt)
     add_subdirectory(${dir})
   endif()
 endfunction()
@@ -24,4 +27,23 @@ function(keel_add_unit_test name)
     list(APPEND labels ${ARG_LABELS})
   endif()
   gtest_discover_tests(${name} PROPERTIES LABELS "${labels}" DISCOVERY_TIMEOUT 60)
+endfunction()
+
+# keel_add_fuzz_target(NAME SOURCES src.cc LIBS libs CORPUS dir)
+# The source defines LLVMFuzzerTestOneInput. Always builds NAME_replay, which runs every file of the
+# corpus through the target once, and registers it as a ctest (label "fuzz"): CI replays the corpus
+# under whatever sanitizers the build uses. With -DKEEL_FUZZ=ON and clang, also builds NAME as a real
+# libFuzzer binary for fuzzing sessions.
+function(keel_add_fuzz_target name)
+  cmake_parse_arguments(ARG "" "CORPUS" "SOURCES;LIBS" ${ARGN})
+  add_executable(${name}_replay ${ARG_SOURCES} ${CMAKE_SOURCE_DIR}/tests/fuzz/replay_main.cc)
+  target_link_libraries(${name}_replay PRIVATE ${ARG_LIBS})
+  add_test(NAME fuzz_replay.${name} COMMAND ${name}_replay ${ARG_CORPUS})
+  set_tests_properties(fuzz_replay.${name} PROPERTIES LABELS fuzz)
+  if(KEEL_FUZZ AND CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    add_executable(${name} ${ARG_SOURCES})
+    target_compile_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+    target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+    target_link_libraries(${name} PRIVATE ${ARG_LIBS})
+  endif()
 endfunction()
