@@ -23,7 +23,7 @@ build: setup
 build-asan: setup
 	@cmake -S . -B $(ASAN_BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Asan -DKEEL_WERROR=ON \
 	  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ >/dev/null
-	@ninja -C $(ASAN_BUILD_DIR) -j $(JOBS)
+	@ninja -C $(ASAN_BUILD_DIR) -j $(JOBS) sanitized-tests
 
 guest: build
 	@bash guest/build.sh
