@@ -26,10 +26,11 @@ WANTED_MODULES=(
   virtio_pci virtio_mmio virtio_blk virtio_net virtio_rng virtio_console virtio_balloon
   vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
   ext4 vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1
-  button evdev
+  button evdev autofs4
 )
 DEBIAN_SUITE=bookworm
-DEBIAN_INCLUDE=systemd-sysv,udev,kmod,iproute2,ifupdown,procps,less
+# dbus: systemd-logind needs it, and logind is what powers off on an ACPI power-button press.
+DEBIAN_INCLUDE=systemd-sysv,udev,dbus,kmod,iproute2,ifupdown,procps,less
 DEBIAN_HOSTNAME=keel-debian
 
 CLEANUP=()
@@ -304,7 +305,7 @@ make_debian_image() {
   log "root tree ${used_mib} MiB; making a ${size_mib} MiB ext4 partition"
   # ext4 straight from the directory tree: nothing is mounted.
   mke2fs -q -t ext4 -L keel-root -U "$fs_uuid" -E lazy_itable_init=0,lazy_journal_init=0 \
-    -d "$root" "$work/part.img" "${size_mib}M"
+    -d "$root" "$work/part.img" "${size_mib}M" >/dev/null
   # GPT disk: 1 MiB before the partition, 1 MiB after it for the backup table.
   local disk="$work/disk.img"
   truncate -s $(((size_mib + 2) * 1048576)) "$disk"
@@ -332,6 +333,8 @@ build_debian() {
   flock 8
   if [[ ! -f "$image" ]]; then
     make_debian_image "$kver" "$mirror" "$hash" "$image"
+    # Images built from older inputs are of no use any more.
+    find "$cache" -maxdepth 1 -name 'debian-*.qcow2' ! -name "debian-$hash.qcow2" -delete
   else
     log "using cached $image"
   fi

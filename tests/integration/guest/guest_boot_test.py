@@ -11,6 +11,7 @@ Prints "TIMING <what> <seconds>" lines so boot times show up in ctest's output.
 """
 import argparse
 import base64
+import codecs
 import json
 import os
 import socket
@@ -40,7 +41,8 @@ class Guest:
 
     def __init__(self, args, name):
         self.name = name
-        self.lines = []
+        self.lines = []  # complete console lines
+        self.partial = ""  # the line being written
         self.marks = {}  # first time (seconds since start) a line containing each watched text appeared
         self.cond = threading.Condition()
         self.start = time.monotonic()
@@ -50,13 +52,19 @@ class Guest:
         self.reader.start()
 
     def _read(self):
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        # Raw chunks, not lines: a getty's "login: " prompt never ends its line.
+        fd = self.proc.stdout.fileno()
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            chunk = os.read(fd, 65536)
             with self.cond:
-                self.lines.append(line)
+                if not chunk:
+                    self.cond.notify_all()
+                    return
+                self.partial += decoder.decode(chunk).replace("\r", "")
+                *done, self.partial = self.partial.split("\n")
+                self.lines.extend(done)
                 self.cond.notify_all()
-        with self.cond:
-            self.cond.notify_all()
 
     def wait_for(self, text, timeout):
         """Seconds from QEMU's start until a console line contains text; None on timeout or exit."""
@@ -64,7 +72,7 @@ class Guest:
         seen = 0
         with self.cond:
             while True:
-                for line in self.lines[seen:]:
+                for line in self.lines[seen:] + [self.partial]:
                     if text in line:
                         self.marks[text] = time.monotonic() - self.start
                         return self.marks[text]
@@ -92,7 +100,7 @@ class Guest:
 
     def console(self):
         with self.cond:
-            return "\n".join(self.lines)
+            return "\n".join(self.lines + [self.partial])
 
 
 def qemu_args(kit, accel, append, extra):
@@ -269,7 +277,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kit", required=True, help="directory holding vmlinuz, initramfs.cpio.gz")
     p.add_argument("--accel-cmd", help="keel-accel binary")
-    p.add_argument("--login-timeout", type=int, default=400)
+    p.add_argument("--login-timeout", type=int, default=300)
     p.add_argument("test", choices=["run", "run-plain", "acpi", "debian"])
     args = p.parse_args()
     for f in ("vmlinuz", "initramfs.cpio.gz"):
