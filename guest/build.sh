@@ -238,10 +238,11 @@ find_debian_mirror() {
   die "no '$DEBIAN_SUITE' mirror in /etc/apt/sources.list*; set KEEL_DEBIAN_MIRROR"
 }
 
+# The image holds no file of guest/initramfs/ (it boots with the kit, but is not made from it).
 debian_inputs_hash() {
   local kver="$1" mirror="$2"
   {
-    sha256sum "$script" "$here"/initramfs/*
+    sha256sum "$script"
     echo "kernel $kver $(pkg_version "linux-image-$kver")"
     echo "debootstrap $(pkg_version debootstrap)"
     echo "mirror $mirror suite $DEBIAN_SUITE include $DEBIAN_INCLUDE size ${KEEL_DEBIAN_SIZE:-2G}"
@@ -264,9 +265,20 @@ make_debian_image() {
   root="$work/root"
   mkdir -p "$cache/debs"
   log "debootstrap $DEBIAN_SUITE (minbase + $DEBIAN_INCLUDE) from $mirror"
-  debootstrap --variant=minbase --arch=amd64 --include="$DEBIAN_INCLUDE" --cache-dir="$cache/debs" \
-    "$DEBIAN_SUITE" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 ||
-    { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
+  # Two stages, so dpkg can run with force-unsafe-io in between: no fsync per file (the tree is
+  # thrown away if anything fails, so durability buys nothing), which saves much of the install time.
+  local t0=$SECONDS
+  debootstrap --foreign --variant=minbase --arch=amd64 --include="$DEBIAN_INCLUDE" \
+    --cache-dir="$cache/debs" "$DEBIAN_SUITE" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 ||
+    { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap (first stage) failed"; }
+  log "first stage (download, unpack) took $((SECONDS - t0)) s"
+  mkdir -p "$root/etc/dpkg/dpkg.cfg.d"
+  echo force-unsafe-io >"$root/etc/dpkg/dpkg.cfg.d/keel-build-unsafe-io"
+  t0=$SECONDS
+  chroot "$root" /debootstrap/debootstrap --second-stage >>"$work/debootstrap.log" 2>&1 ||
+    { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap (second stage) failed"; }
+  rm -f "$root/etc/dpkg/dpkg.cfg.d/keel-build-unsafe-io"
+  log "second stage (dpkg configure) took $((SECONDS - t0)) s"
 
   fs_uuid="$(uuid_from "$hash fs")"; part_uuid="$(uuid_from "$hash part")"
   disk_uuid="$(uuid_from "$hash disk")"; machine_id="$(echo "$hash machine-id" | sha256sum | cut -c1-32)"

@@ -66,13 +66,14 @@ class Guest:
                 self.lines.extend(done)
                 self.cond.notify_all()
 
-    def wait_for(self, text, timeout):
-        """Seconds from QEMU's start until a console line contains text; None on timeout or exit."""
+    def wait_for(self, text, timeout, prompt=False):
+        """Seconds from QEMU's start until a console line contains text; None on timeout or exit.
+        Only complete lines count, unless prompt is set (a prompt waits for input on its own line)."""
         deadline = time.monotonic() + timeout
         seen = 0
         with self.cond:
             while True:
-                for line in self.lines[seen:] + [self.partial]:
+                for line in self.lines[seen:] + ([self.partial] if prompt else []):
                     if text in line:
                         self.marks[text] = time.monotonic() - self.start
                         return self.marks[text]
@@ -260,7 +261,7 @@ def test_debian(args, accel, tmp):
     try:
         switched = g.wait_for("switching to root", 120)
         expect(switched is not None, "the initramfs did not switch to /dev/vda1", g)
-        login = g.wait_for("login:", args.login_timeout)
+        login = g.wait_for("login:", args.login_timeout, prompt=True)
         expect(login is not None, f"no login: prompt within {args.login_timeout} s", g)
         expect(g.wait_for("keel-debian", 1) is not None, "hostname keel-debian not on the console", g)
         print(f"TIMING switch-root {switched:.2f}\nTIMING login-prompt {login:.2f}")
