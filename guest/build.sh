@@ -30,7 +30,7 @@ WANTED_MODULES=(
 )
 DEBIAN_SUITE=bookworm
 # dbus: systemd-logind needs it, and logind is what powers off on an ACPI power-button press.
-DEBIAN_INCLUDE=systemd-sysv,udev,dbus,kmod,iproute2,ifupdown,procps,less
+DEBIAN_INCLUDE=systemd-sysv,udev,dbus,kmod,iproute2,procps,less
 DEBIAN_HOSTNAME=keel-debian
 
 CLEANUP=()
@@ -293,9 +293,14 @@ make_debian_image() {
   mkdir -p "$root/etc/systemd/system/getty.target.wants"
   ln -sf /lib/systemd/system/serial-getty@.service \
     "$root/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service"
-  # DHCP on the first NIC, so the image is reachable when booted on a network.
-  printf 'auto lo\niface lo inet loopback\n\nallow-hotplug eth0\niface eth0 inet dhcp\n' \
-    >"$root/etc/network/interfaces"
+  # Kernel interface names (eth0, as in the kit) rather than udev's enp0sN, and DHCP on eth0 through
+  # systemd-networkd (part of systemd: no DHCP client package needed), so the image is reachable when
+  # booted on a network.
+  mkdir -p "$root/etc/systemd/network"
+  ln -sf /dev/null "$root/etc/systemd/network/99-default.link"
+  printf '[Match]\nName=eth0\n\n[Network]\nDHCP=yes\n' >"$root/etc/systemd/network/20-eth0.network"
+  chroot "$root" systemctl enable --quiet systemd-networkd.service 2>/dev/null
+  chroot "$root" systemctl disable --quiet systemd-networkd-wait-online.service 2>/dev/null || true
   # A test image: root logs in on the console without a password.
   chroot "$root" passwd -d root >/dev/null
   # The modules the kit's initramfs loads, so udev in the image finds them too (same kernel).
