@@ -320,6 +320,7 @@ make_debian_image() {
   size_mib=$((size_mib / 1048576))
   ((size_mib > used_mib * 3 / 2)) || die "KEEL_DEBIAN_SIZE too small: the root tree is ${used_mib} MiB"
   log "root tree ${used_mib} MiB; making a ${size_mib} MiB ext4 partition"
+  t0=$SECONDS
   # ext4 straight from the directory tree: nothing is mounted.
   mke2fs -q -t ext4 -L keel-root -U "$fs_uuid" -E lazy_itable_init=0,lazy_journal_init=0 \
     -d "$root" "$work/part.img" "${size_mib}M" >/dev/null
@@ -330,6 +331,7 @@ make_debian_image() {
     "$disk" >/dev/null
   dd if="$work/part.img" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
   qemu-img convert -f raw -O qcow2 "$disk" "$work/debian.qcow2"
+  log "disk assembled in $((SECONDS - t0)) s"
   mv -f "$work/debian.qcow2" "$image"
   log "image cached: $image ($(du -m "$image" | cut -f1) MiB allocated)"
 }

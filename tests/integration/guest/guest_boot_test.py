@@ -192,7 +192,8 @@ def test_run(args, accel, tmp):
     with open(os.path.join(tree, "hello.txt"), "w") as f:
         f.write("hello from the host\n")
     ext4 = os.path.join(tmp, "ext4.raw")
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", tree, ext4, "8M"], check=True)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", tree, ext4, "8M"], check=True,
+                   stdout=subprocess.DEVNULL)
     run64 = base64.b64encode(GUEST_CHECKS.encode()).decode()
     append = (f"keel.hostname=keel-test keel.ip=10.0.2.15/24 keel.gw=10.0.2.2 keel.run64={run64}")
     extra = ["-drive", f"file={fat},format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0",
@@ -218,13 +219,18 @@ def test_run(args, accel, tmp):
 
 
 def test_run_plain(args, accel, tmp):
-    # %XX escapes in keel.run, and the kernel's own double quotes around a value with spaces.
-    cases = [('keel.run=test%20-d%20/proc/1%20&&%20echo%20100%25%20ok&&exit%203', "KEEL-EXIT 3", "100% ok"),
-             ('keel.run="echo quoted run; exit 5"', "KEEL-EXIT 5", "quoted run")]
-    guests = [Guest(qemu_args(args.kit, accel, a, []), f"run-plain {i}") for i, (a, _, _) in enumerate(cases)]
+    """keel.run with %XX escapes, with the kernel's double quotes, and keel.ip=dhcp: three guests at once."""
+    nic = ["-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
+    cases = [('keel.run=test%20-d%20/proc/1%20&&%20echo%20100%25%20ok&&exit%203', [], "KEEL-EXIT 3", "100% ok"),
+             ('keel.run="echo quoted run; exit 5"', [], "KEEL-EXIT 5", "quoted run"),
+             # slirp with restrict=on offers no router, so only the address is checked.
+             ("keel.ip=dhcp keel.run=ip%20-4%20addr%20show%20eth0|grep%20-q%20'inet%2010.0.2.15/24'"
+              "&&echo%20dhcp%20ok", nic, "KEEL-EXIT 0", "dhcp ok")]
+    guests = [Guest(qemu_args(args.kit, accel, a, extra), f"run-plain {i}")
+              for i, (a, extra, _, _) in enumerate(cases)]
     try:
-        for g, (_, code, text) in zip(guests, cases):
-            done = g.wait_for("KEEL-EXIT", 120)
+        for g, (_, _, code, text) in zip(guests, cases):
+            done = g.wait_for("KEEL-EXIT", 180)
             expect(done is not None, "no KEEL-EXIT", g)
             expect(code in g.console(), f"expected {code}", g)
             expect(any(l.strip() == text for l in g.lines), f"expected output {text!r}", g)
