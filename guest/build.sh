@@ -260,6 +260,9 @@ make_debian_image() {
   [[ $(id -u) == 0 ]] || die "debootstrap needs root to build the Debian image"
   need debootstrap; need mke2fs e2fsprogs; need sgdisk gdisk; need qemu-img qemu-utils
   local work root fs_uuid part_uuid disk_uuid machine_id size_mib
+  size_mib=$(numfmt --from=iec "${KEEL_DEBIAN_SIZE:-2G}" 2>/dev/null) ||
+    die "KEEL_DEBIAN_SIZE=${KEEL_DEBIAN_SIZE:-} is not a size (e.g. 2G, 1536M)"
+  size_mib=$((size_mib / 1048576))
   work="$(mktemp -d "$cache/.work.XXXXXX")"
   CLEANUP+=("$work")
   root="$work/root"
@@ -316,8 +319,6 @@ make_debian_image() {
 
   local used_mib
   used_mib=$(du -sm "$root" | cut -f1)
-  size_mib=$(numfmt --from=iec "${KEEL_DEBIAN_SIZE:-2G}")
-  size_mib=$((size_mib / 1048576))
   ((size_mib > used_mib * 3 / 2)) || die "KEEL_DEBIAN_SIZE too small: the root tree is ${used_mib} MiB"
   log "root tree ${used_mib} MiB; making a ${size_mib} MiB ext4 partition"
   t0=$SECONDS
@@ -369,7 +370,7 @@ main() {
   case "$what" in
     kit | debian) ;;
     clean) rm -rf "$out"; return 0 ;;
-    -h | --help) sed -n '2,16p' "$script" | sed 's/^# \{0,1\}//'; return 0 ;;
+    -h | --help) sed -n '2,15p' "$script" | sed 's/^# \{0,1\}//'; return 0 ;;
     *) die "unknown target '$what' (kit, debian, clean)" ;;
   esac
   mkdir -p "$out"
