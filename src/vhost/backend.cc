@@ -93,7 +93,10 @@ Result<void> VhostUserBackend::start() {
   int epoll = epoll_create1(EPOLL_CLOEXEC);
   if (epoll < 0) return fail_errno("epoll_create1");
   epoll_.reset(epoll);
-  if (options_.mode == SocketMode::Server) return listen_socket();
+  if (options_.mode == SocketMode::Server) {
+    if (options_.socket_path.empty()) return ok();  // connections are attached
+    return listen_socket();
+  }
 
   int timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
   if (timer < 0) return fail_errno("timerfd_create");
@@ -185,6 +188,16 @@ void VhostUserBackend::adopt_connection(UniqueFd fd) {
     KEEL_LOG_ERROR("vhost-user: {}", r.error().message());
     conn_.reset();
   }
+}
+
+Result<void> VhostUserBackend::attach_connection(UniqueFd socket) {
+  if (!socket.valid()) return fail_invalid("attach_connection: invalid fd");
+  int flags = fcntl(socket.get(), F_GETFL);
+  if (flags < 0 || fcntl(socket.get(), F_SETFL, flags | O_NONBLOCK) != 0) return fail_errno("fcntl O_NONBLOCK");
+  disconnect("replaced by an attached connection");
+  adopt_connection(std::move(socket));
+  if (!conn_.valid()) return fail_invalid("attach_connection: could not watch the socket");
+  return ok();
 }
 
 void VhostUserBackend::disconnect(std::string_view why) {

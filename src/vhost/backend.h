@@ -35,6 +35,7 @@ enum class SocketMode {
 };
 
 struct BackendOptions {
+  // Empty (server mode only): no socket of our own; connections come through attach_connection().
   std::string socket_path;
   SocketMode mode = SocketMode::Server;
   // Client mode: how often to retry connecting while disconnected.
@@ -97,6 +98,9 @@ public:
 
   // Drops the current connection (as if the front-end had gone away).
   void disconnect(std::string_view why);
+  // Serves an already connected socket (handed over by a supervisor, or one end of a socketpair in
+  // tests), replacing any current connection.
+  Result<void> attach_connection(UniqueFd socket);
 
 private:
   VhostUserBackend(VhostDevice& device, BackendOptions options);

@@ -63,6 +63,7 @@ static_assert(sizeof(VirtioNetHdr) == 12);
 inline constexpr size_t kMaxFrameSize = 65535;
 
 struct VhostNetOptions {
+  // Empty in server mode: no socket; connections come through backend().attach_connection().
   std::string socket_path;
   SocketMode mode = SocketMode::Server;
   uint16_t queue_pairs = 1;  // 1..128
