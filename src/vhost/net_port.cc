@@ -72,7 +72,11 @@ void VhostNetPort::on_features(uint64_t features) {
   header_size_ = long_header ? sizeof(VirtioNetHdr) : sizeof(VirtioNetHdr) - sizeof(uint16_t);
 }
 
-void VhostNetPort::on_queue_ready(uint32_t, bool) { update_link(); }
+void VhostNetPort::on_queue_ready(uint32_t index, bool ready) {
+  // Receive buffers are only looked for when a frame is there to deliver: no kicks wanted.
+  if (ready && index % 2 == 0) backend_->queue(index).set_kicks_wanted(false);
+  update_link();
+}
 
 void VhostNetPort::on_disconnect() {
   held_count_ = 0;

@@ -80,7 +80,23 @@ Result<void> VirtQueue::map(const GuestMemory& memory) {
   }
   shadow_avail_idx_ = last_avail_idx_;
   signalled_valid_ = false;
+  set_kicks_wanted(kicks_wanted_);
   return ok();
+}
+
+void VirtQueue::set_kicks_wanted(bool wanted) {
+  kicks_wanted_ = wanted;
+  if (!mapped_) return;
+  auto* used_flags = reinterpret_cast<uint16_t*>(used_);
+  if (event_idx_) {
+    // The guest kicks when its index passes avail_event; pointing it at what we have consumed asks
+    // for the next one, leaving it behind asks for none (until the index wraps around).
+    if (wanted) store_relaxed(reinterpret_cast<uint16_t*>(used_ + 4 + 8ull * size_), last_avail_idx_);
+    store_relaxed(used_flags, 0);
+  } else {
+    store_relaxed(used_flags, wanted ? 0 : kUsedFNoNotify);
+  }
+  std::atomic_thread_fence(std::memory_order_seq_cst);
 }
 
 void VirtQueue::unmap() {
@@ -112,7 +128,7 @@ VirtQueue::PopStatus VirtQueue::pop(const GuestMemory& memory, DescChain& chain)
   if (shadow_avail_idx_ == last_avail_idx_) {
     shadow_avail_idx_ = load_acquire(&avail_[1]);
     if (shadow_avail_idx_ == last_avail_idx_) {
-      if (!event_idx_) return PopStatus::Empty;
+      if (!event_idx_ || !kicks_wanted_) return PopStatus::Empty;
       // Ask for a kick on the next buffer, then look again: the guest may have added one after our
       // read and before it could see the new avail_event.
       store_relaxed(reinterpret_cast<uint16_t*>(used_ + 4 + 8ull * size_), last_avail_idx_);
@@ -130,7 +146,7 @@ VirtQueue::PopStatus VirtQueue::pop(const GuestMemory& memory, DescChain& chain)
   PopStatus status = walk_chain(memory, head, chain);
   if (status != PopStatus::Chain) return status;
   ++last_avail_idx_;
-  if (event_idx_)
+  if (event_idx_ && kicks_wanted_)
     store_relaxed(reinterpret_cast<uint16_t*>(used_ + 4 + 8ull * size_), last_avail_idx_);
   return PopStatus::Chain;
 }

@@ -148,6 +148,11 @@ public:
   // Drains the kick eventfd (non-blocking); returns true if a kick was pending.
   bool drain_kick();
 
+  // Whether we want kicks for this queue (default yes). A device that only consumes buffers when
+  // it has something to deliver (virtio-net's receive queue) turns them off, so refilling buffers
+  // costs the guest no notification. Applied through EVENT_IDX or the NO_NOTIFY flag.
+  void set_kicks_wanted(bool wanted);
+
   // Marks the queue broken (a device error) and signals the error fd.
   void mark_broken(std::string reason);
 
@@ -163,6 +168,7 @@ private:
   bool broken_ = false;
   bool event_idx_ = false;
   bool indirect_ = false;
+  bool kicks_wanted_ = true;
   std::string broken_reason_;
 
   VringDesc* desc_ = nullptr;

@@ -240,6 +240,28 @@ TEST_F(NetPortTest, EventIdxSuppressesKicksAndCalls) {
   EXPECT_EQ(fe->take_calls(1), 0u);  // the guest has not consumed the previous completion
 }
 
+TEST_F(NetPortTest, RefillingReceiveBuffersNeedsNoKick) {
+  setup();
+  fe->post_rx_buffers(0, 16);
+  fe->kick(0);  // the first may go out (the event index starts at 0)
+  for (int round = 0; round < 3; ++round) {
+    EXPECT_TRUE(port->send(make_frame(100, round)));
+    EXPECT_EQ(fe->receive(0, [](auto) {}), 1u);  // re-posts the buffer
+    EXPECT_FALSE(fe->kick(0));
+  }
+}
+
+TEST_F(NetPortTest, RefillingWithoutEventIdxSetsNoNotify) {
+  FrontendOptions opts;
+  opts.wanted_features = ~feature_bit(kVirtioFRingEventIdx);
+  setup({}, opts);
+  uint16_t flags;
+  std::memcpy(&flags, fe->used_ring(0), 2);
+  EXPECT_EQ(flags, kUsedFNoNotify);
+  std::memcpy(&flags, fe->used_ring(1), 2);
+  EXPECT_EQ(flags, 0);
+}
+
 TEST_F(NetPortTest, RxBatchIsBoundedAndReportsMore) {
   setup();
   for (uint32_t i = 0; i < 100; ++i) ASSERT_TRUE(fe->transmit(0, make_frame(64, i)));
