@@ -37,7 +37,7 @@ FEATURES = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 27) | (1 << 16) | (1 << 15)
 
 def handshake(queues=4):
     out = msg(1) + msg(15) + msg(16, u64(0b1001)) + msg(17) + msg(3) + msg(2, u64(FEATURES))
-    out += msg(5, mem_table([(0, 1 << 20, UVA, 0)]), V | NEED_REPLY)
+    out += msg(5, mem_table([(0, 128 << 10, UVA, 0)]), V | NEED_REPLY)
     for q in range(queues):
         base = q * 0x8000
         out += msg(8, state(q, 256)) + msg(10, state(q, 0))
@@ -52,7 +52,7 @@ MESSAGES = {
     "handshake_then_reset": handshake(2) + msg(4) + handshake(2),
     "no_protocol_features": msg(1) + msg(3) + msg(2, u64(FEATURES & ~(1 << 30))),
     "poll_mode_kick": handshake(0) + msg(8, state(1, 8)) + msg(12, u64(1 | 0x100)),
-    "split_regions": msg(5, mem_table([(0, 0x80000, UVA, 0), (0x100000000, 0x80000, UVA + 0x80000, 0x80000)])),
+    "split_regions": msg(5, mem_table([(0, 0x10000, UVA, 0), (0x100000000, 0x10000, UVA + 0x10000, 0x10000)])),
     "bad_version": msg(1, flags=0),
     "reply_flag": msg(1, flags=V | 4),
     "huge_size": struct.pack("<III", 2, V, 0xffffffff),

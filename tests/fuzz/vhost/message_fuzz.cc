@@ -21,7 +21,7 @@ using namespace keel::vhost;
 
 namespace {
 
-constexpr size_t kGuestMemory = 1 << 20;
+constexpr size_t kGuestMemory = 128 << 10;
 
 int fds_for(const MessageHeader& h, const uint8_t* payload, size_t len) {
   switch (static_cast<Request>(h.request)) {
@@ -84,7 +84,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!memfd.valid() || ftruncate(memfd.get(), kGuestMemory) != 0) return 0;
   if (size > 0) {
     std::vector<uint8_t> fill(kGuestMemory);
-    for (size_t i = 0; i < fill.size(); ++i) fill[i] = data[i % size];
+    for (size_t off = 0; off < fill.size(); off += size)
+      std::memcpy(fill.data() + off, data, std::min(size, fill.size() - off));
     if (pwrite(memfd.get(), fill.data(), fill.size(), 0) != static_cast<ssize_t>(fill.size())) return 0;
   }
   std::vector<keel::UniqueFd> eventfds;
