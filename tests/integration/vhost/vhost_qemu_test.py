@@ -49,16 +49,18 @@ class Process:
         with self.cond:
             self.cond.notify_all()
 
-    def wait_for(self, pattern, timeout):
-        """The first line matching the regex, or None on timeout/exit."""
+    def wait_for(self, pattern, timeout, after=0):
+        """The first line (from index `after`) matching the regex, or None on timeout/exit. The
+        matched line's index + 1 is left in self.next_line."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = after
         rx = re.compile(pattern)
         with self.cond:
             while True:
-                for line in self.lines[seen:]:
+                for i, line in enumerate(self.lines[seen:], start=seen):
                     m = rx.search(line)
                     if m:
+                        self.next_line = i + 1
                         return m
                 seen = len(self.lines)
                 if self.proc.poll() is not None and not self.reader.is_alive():
@@ -100,8 +102,10 @@ def accelerator(accel_cmd):
     return "tcg"
 
 
-def start_qemu(name, kit, accel, sock, qemu_listens, command):
+def start_qemu(name, kit, accel, sock, qemu_listens, command, reconnect=False):
     chardev = f"socket,id=c0,path={sock}" + (",server=on" if qemu_listens else "")
+    if reconnect:
+        chardev += ",reconnect=1"
     run64 = base64.b64encode(command.encode()).decode()
     append = (f"console=ttyS0 quiet panic=-1 keel.hostname={name} keel.ip={GUEST_IP}/24 "
               f"keel.run64={run64}")
@@ -128,9 +132,9 @@ def fail(what, *procs):
 PING = f"ping -c 3 -W 5 {RESPONDER_IP}"
 
 
-def ping_and_check(qemu, responder, keep_running):
+def ping_and_check(qemu, responder, keep_running, after=0):
     """Waits for the guest's ping summary; returns packets received."""
-    m = qemu.wait_for(r"(\d+) packets transmitted, (\d+) packets received", 150)
+    m = qemu.wait_for(r"(\d+) packets transmitted, (\d+) packets received", 150, after)
     if not m:
         fail("guest ping did not finish", qemu, responder)
     received = int(m.group(2))
@@ -193,17 +197,64 @@ def run_case(args, mode):
     print(f"PASS {mode}")
 
 
+def run_backend_restart(args):
+    """The back-end process dies and a new one takes the socket over; QEMU (reconnect=1) reconnects
+    and the running guest's NIC works again, as when keel-switch restarts under running VMs."""
+    accel = accelerator(args.accel_cmd)
+    with tempfile.TemporaryDirectory(prefix="keel-vhost-it-") as tmp:
+        sock = os.path.join(tmp, "vhost.sock")
+        responder_args = [args.responder, "--socket", sock, "--ip", RESPONDER_IP]
+        r1 = Process("responder1", responder_args)
+        procs = [r1]
+        try:
+            if not r1.wait_for(r"^READY", 10):
+                fail("responder did not start", r1)
+            # After the first ping the test kills the back-end (the guest sleeps meanwhile), then
+            # the guest waits for the link to work again and pings for real.
+            command = (PING + "; echo PING1-DONE; sleep 4; i=0; while [ $i -lt 60 ]; do "
+                       f"ping -c 1 -W 1 {RESPONDER_IP} >/dev/null 2>&1 && break; i=$((i+1)); done; "
+                       + PING)
+            q = start_qemu("vm", args.kit, accel, sock, False, command, reconnect=True)
+            procs.append(q)
+            ping_and_check(q, r1, keep_running=True)
+            first = q.next_line
+            r1.kill()
+            print("responder1: killed")
+            r2 = Process("responder2", responder_args)
+            procs.append(r2)
+            if not r2.wait_for(r"^READY", 10):
+                fail("second responder did not start", r2)
+            if not r2.wait_for(r"^LINK up", 30):
+                fail("QEMU did not reconnect to the new back-end", q, r2)
+            ping_and_check(q, r2, keep_running=False, after=first)
+            r2.terminate()
+            m = r2.wait_for(r"^COUNTERS .*", 5)
+            if not m:
+                fail("responder printed no counters", r2)
+            print(f"responder2: {m.group(0)}")
+            counters = dict(kv.split("=") for kv in m.group(0).split()[1:])
+            if int(counters["echo_replies"]) < 2 or int(counters["device_errors"]) != 0:
+                fail("unexpected responder counters", r2, q)
+        finally:
+            for p in reversed(procs):
+                p.kill()
+    print("PASS backend-restart")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kit", required=True)
     p.add_argument("--responder", required=True)
     p.add_argument("--accel-cmd")
-    p.add_argument("mode", choices=["server", "client"])
+    p.add_argument("mode", choices=["server", "client", "backend-restart"])
     args = p.parse_args()
     for f in ("vmlinuz", "initramfs.cpio.gz"):
         if not os.path.exists(os.path.join(args.kit, f)):
             sys.exit(f"guest kit missing {f} in {args.kit}: run guest/build.sh kit")
-    run_case(args, args.mode)
+    if args.mode == "backend-restart":
+        run_backend_restart(args)
+    else:
+        run_case(args, args.mode)
 
 
 if __name__ == "__main__":
