@@ -1,5 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <sys/socket.h>
+#include <sys/un.h>
+
 #include <cstring>
 
 #include "test_util.h"
@@ -290,6 +293,51 @@ TEST_F(NetPortTest, GetVringBaseStopsTheRingAndReportsProgress) {
   fe->transmit(0, make_frame(64, 9));
   fe->kick(1, true);
   EXPECT_EQ(receive_all().size(), 0u);
+}
+
+TEST_F(NetPortTest, StoppedRingRestartsFromItsBase) {
+  setup();
+  for (uint32_t i = 0; i < 5; ++i) fe->transmit(0, make_frame(64, i));
+  fe->kick(1);
+  EXPECT_EQ(receive_all().size(), 5u);
+  auto base = fe->get_vring_base(1);
+  ASSERT_TRUE(base);
+  EXPECT_FALSE(port->link_up());
+  ASSERT_TRUE(fe->restart_queue(1, *base));
+  EXPECT_TRUE(port->link_up());
+  auto frame = make_frame(300, 42);
+  fe->transmit(0, frame);
+  fe->kick(1, true);
+  Frames got = receive_all();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0], frame);
+  EXPECT_EQ(fe->reclaim_tx(0), 6u);
+}
+
+TEST_F(NetPortTest, AttachedConnectionWithoutASocketPath) {
+  VhostNetOptions opts;  // no socket path: the connection is handed over
+  auto port_or = VhostNetPort::create(opts);
+  ASSERT_TRUE(port_or);
+  port = std::move(*port_or);
+  auto fe_or = SyntheticFrontend::listen(dir.file("handover.sock"), {});
+  ASSERT_TRUE(fe_or);
+  fe = std::move(*fe_or);
+  fe->set_pump([this] { pump(); });
+  // Connect a socket to the front-end ourselves, as a supervisor would, and hand it over.
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::string path = dir.file("handover.sock");
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_TRUE(port->backend().attach_connection(UniqueFd(fd)));
+  ASSERT_TRUE(fe->accept());
+  ASSERT_TRUE(fe->start());
+  EXPECT_TRUE(port->link_up());
+  auto frame = make_frame(64, 3);
+  fe->transmit(0, frame);
+  fe->kick(1);
+  EXPECT_EQ(receive_all().size(), 1u);
 }
 
 TEST_F(NetPortTest, ServerModeAcceptsANewFrontendAfterTheOldOneGoes) {

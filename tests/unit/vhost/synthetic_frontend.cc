@@ -283,6 +283,22 @@ Result<void> SyntheticFrontend::set_vring_enable(uint32_t index, bool enabled) {
   return ok();
 }
 
+Result<void> SyntheticFrontend::restart_queue(uint32_t i, uint16_t base) {
+  Queue& q = queues_[i];
+  VringState num{i, options_.queue_size};
+  TRY(request(Request::SetVringNum, as_bytes_of(num)));
+  VringState b{i, base};
+  TRY(request(Request::SetVringBase, as_bytes_of(b)));
+  VringAddr addr{i, 0, uva_of(q.desc_gpa), uva_of(q.used_gpa), uva_of(q.avail_gpa), 0};
+  TRY(request(Request::SetVringAddr, as_bytes_of(addr), {}, false, true));
+  uint64_t idx = i;
+  int kick = q.kick.get(), call = q.call.get();
+  TRY(request(Request::SetVringKick, as_bytes_of(idx), {&kick, 1}));
+  TRY(request(Request::SetVringCall, as_bytes_of(idx), {&call, 1}));
+  if (acked_features_ & feature_bit(kFeatureProtocolFeatures)) TRY(set_vring_enable(i, true));
+  return sync();
+}
+
 bool SyntheticFrontend::peer_closed() {
   for (int i = 0; i < 100; ++i) {
     if (pump_) pump_();

@@ -72,6 +72,9 @@ public:
   Result<uint64_t> get_features();
   Result<uint16_t> get_vring_base(uint32_t index);
   Result<void> set_vring_enable(uint32_t index, bool enabled);
+  // Configures a stopped ring again (as QEMU does when the device restarts): NUM, BASE, ADDR,
+  // KICK, CALL, ENABLE.
+  Result<void> restart_queue(uint32_t index, uint16_t base);
   // True if the back-end closed the connection.
   bool peer_closed();
   uint64_t acked_features() const { return acked_features_; }
