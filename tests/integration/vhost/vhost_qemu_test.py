@@ -7,7 +7,7 @@
       pings again.
   vhost_qemu_test.py ... client
       QEMU listens (server=on); the back-end connects, and reconnects to the second QEMU after the
-      first is killed.
+      first is killed. This case runs two queue pairs (queues=2, mq=on, -smp 2).
 
 Every process is ended by its pid. Frames only move between QEMU's shared memory and the
 responder: no host network is involved.
@@ -102,23 +102,28 @@ def accelerator(accel_cmd):
     return "tcg"
 
 
-def start_qemu(name, kit, accel, sock, qemu_listens, command, reconnect=False):
+def start_qemu(name, kit, accel, sock, qemu_listens, command, reconnect=False, queues=1):
     chardev = f"socket,id=c0,path={sock}" + (",server=on" if qemu_listens else "")
     if reconnect:
         chardev += ",reconnect=1"
     run64 = base64.b64encode(command.encode()).decode()
     append = (f"console=ttyS0 quiet panic=-1 keel.hostname={name} keel.ip={GUEST_IP}/24 "
               f"keel.run64={run64}")
-    args = [QEMU, "-machine", "q35", "-accel", accel, "-bios", "/usr/share/qemu/qboot.rom",
+    netdev = "vhost-user,id=n0,chardev=c0"
+    device = "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=,vectors=0"
+    if queues > 1:
+        netdev += f",queues={queues}"
+        device += ",mq=on"
+    args = [QEMU, "-machine", "q35", "-accel", accel, "-smp", str(queues),
+            "-bios", "/usr/share/qemu/qboot.rom",
             "-nodefaults", "-no-user-config", "-m", "256", "-display", "none", "-serial", "stdio",
             "-no-reboot",
             "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
             "-kernel", os.path.join(kit, "vmlinuz"), "-initrd", os.path.join(kit, "initramfs.cpio.gz"),
             "-append", append,
-            "-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
             # vectors=0 (INTx): QEMU 7.2 under TCG segfaults in msix_set_vector_notifiers when a
             # vhost-user virtio-net-pci with MSI-X starts (before it sends SET_FEATURES).
-            "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=,vectors=0"]
+            "-chardev", chardev, "-netdev", netdev, "-device", device]
     return Process(name, args)
 
 
@@ -153,8 +158,10 @@ def run_case(args, mode):
         sock = os.path.join(tmp, "vhost.sock")
         qemu_listens = mode == "client"
         responder_args = [args.responder, "--socket", sock, "--ip", RESPONDER_IP]
+        # The client case also runs two queue pairs (and two vCPUs, so Linux uses both).
+        queues = 2 if qemu_listens else 1
         if qemu_listens:
-            responder_args.append("--client")
+            responder_args += ["--client", "--queues", "2"]
         responder = Process("responder", responder_args)
         procs = [responder]
         try:
@@ -162,8 +169,12 @@ def run_case(args, mode):
                 fail("responder did not start", responder)
 
             # First QEMU: ping, then keep running until we kill it.
-            q1 = start_qemu("vm1", args.kit, accel, sock, qemu_listens, PING + "; echo PING-DONE; sleep 600")
+            show_queues = "ls /sys/class/net/eth0/queues; "
+            q1 = start_qemu("vm1", args.kit, accel, sock, qemu_listens,
+                            show_queues + PING + "; echo PING-DONE; sleep 600", queues=queues)
             procs.append(q1)
+            if queues > 1 and not q1.wait_for(r"rx-1", 150):
+                fail("the guest has no second receive queue", q1, responder)
             ping_and_check(q1, responder, keep_running=True)
             if not responder.wait_for(r"^LINK up", 5):
                 fail("responder never saw the link up", responder)
@@ -175,7 +186,7 @@ def run_case(args, mode):
                 fail("responder died with QEMU", responder)
 
             # Second QEMU on the same socket path: the same responder serves it.
-            q2 = start_qemu("vm2", args.kit, accel, sock, qemu_listens, PING)
+            q2 = start_qemu("vm2", args.kit, accel, sock, qemu_listens, PING, queues=queues)
             procs.append(q2)
             ping_and_check(q2, responder, keep_running=False)
             q2.proc.wait(30)
