@@ -421,12 +421,20 @@ Result<VirtQueue*> VhostUserBackend::queue_for(uint32_t index, std::string_view 
   return &queues_[index];
 }
 
+namespace {
+// The data path must never block on a front-end's fd (an eventfd normally, but it could be a pipe
+// someone keeps full). QEMU's own eventfds are non-blocking already, so this changes nothing for it.
+void make_nonblocking(int fd) {
+  if (fd < 0) return;
+  int flags = fcntl(fd, F_GETFL);
+  if (flags >= 0 && !(flags & O_NONBLOCK)) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+}  // namespace
+
 void VhostUserBackend::watch_kick(uint32_t index) {
   int fd = queues_[index].kick_fd();
   if (fd < 0) return;
-  // The front-end's eventfd may be blocking; we must never block reading it.
-  int flags = fcntl(fd, F_GETFL);
-  if (flags >= 0) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+  make_nonblocking(fd);
   if (auto r = epoll_add(epoll_.get(), fd, watch_tag(WatchKind::Kick, index)); !r)
     KEEL_LOG_ERROR("vhost-user: watching kick fd of ring {}: {}", index, r.error().message());
   // Buffers may have been posted before we watched the fd.
@@ -530,12 +538,14 @@ Result<void> VhostUserBackend::dispatch(const DecodedMessage& m) {
 
     case Request::SetVringCall: {
       VirtQueue* q = TRY(queue_for(m.vring_index, "SET_VRING_CALL"));
+      if (m.vring_has_fd) make_nonblocking(fds_[0].get());
       q->set_call_fd(m.vring_has_fd ? std::move(fds_[0]) : UniqueFd());
       return ok();
     }
 
     case Request::SetVringErr: {
       VirtQueue* q = TRY(queue_for(m.vring_index, "SET_VRING_ERR"));
+      if (m.vring_has_fd) make_nonblocking(fds_[0].get());
       q->set_err_fd(m.vring_has_fd ? std::move(fds_[0]) : UniqueFd());
       return ok();
     }

@@ -1,6 +1,7 @@
 // Hostile guests and hostile front-ends: the back-end must report an error on the device or close
 // the connection, and never crash, read outside guest memory or hang.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -387,6 +388,27 @@ TEST_F(HostileFrontendTest, UnknownRequestIsRefusedNotFatal) {
   EXPECT_TRUE(port->connected());
   EXPECT_TRUE(fe->sync());
   EXPECT_EQ(port->backend_counters().refused_requests, 1u);
+}
+
+TEST_F(HostileFrontendTest, CallFdThatWouldBlockDoesNotStallTheDataPath) {
+  setup();
+  int p[2];
+  ASSERT_EQ(pipe(p), 0);  // blocking pipe
+  UniqueFd r(p[0]), w(p[1]);
+  // Fill the pipe so any blocking write would hang.
+  int flags = fcntl(w.get(), F_GETFL);
+  fcntl(w.get(), F_SETFL, flags | O_NONBLOCK);
+  char junk[4096] = {};
+  while (write(w.get(), junk, sizeof junk) > 0) {
+  }
+  fcntl(w.get(), F_SETFL, flags);
+  uint64_t index = 0;
+  int fd = w.get();
+  ASSERT_TRUE(fe->request(Request::SetVringCall, as_bytes_of(index), {&fd, 1}));
+  ASSERT_TRUE(fe->sync());
+  fe->post_rx_buffers(0, 8);
+  for (int i = 0; i < 8; ++i) EXPECT_TRUE(port->send(make_frame(64, i)));
+  EXPECT_EQ(fe->receive(0, [](auto) {}), 8u);
 }
 
 TEST_F(HostileFrontendTest, LogBaseIsRefused) {
