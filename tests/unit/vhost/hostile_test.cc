@@ -411,6 +411,21 @@ TEST_F(HostileFrontendTest, CallFdThatWouldBlockDoesNotStallTheDataPath) {
   EXPECT_EQ(fe->receive(0, [](auto) {}), 8u);
 }
 
+TEST_F(HostileFrontendTest, MemoryTableThatNoLongerCoversTheRingsBreaksThem) {
+  setup();
+  // A new table with only a small piece of memory, far from the rings.
+  auto regions = fe->memory_regions();
+  MemRegionDesc tiny{regions[0].guest_phys_addr, 0x1000, regions[0].userspace_addr + (8 << 20), 8 << 20};
+  int fd = fe->memory_fd();
+  ASSERT_TRUE(fe->request(Request::SetMemTable, mem_table({tiny}), {&fd, 1}, false, true));
+  EXPECT_TRUE(port->connected());
+  EXPECT_FALSE(port->link_up());
+  EXPECT_TRUE(port->backend().queue(0).broken());
+  EXPECT_TRUE(port->backend().queue(1).broken());
+  EXPECT_FALSE(port->send(make_frame(64, 1)));
+  expect_recovers();
+}
+
 TEST_F(HostileFrontendTest, LogBaseIsRefused) {
   setup();
   uint64_t log[2] = {0x1000, 0};

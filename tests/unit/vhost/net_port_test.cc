@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "test_util.h"
@@ -293,6 +294,57 @@ TEST_F(NetPortTest, GetVringBaseStopsTheRingAndReportsProgress) {
   fe->transmit(0, make_frame(64, 9));
   fe->kick(1, true);
   EXPECT_EQ(receive_all().size(), 0u);
+}
+
+TEST_F(NetPortTest, RingIndexesWrapAround) {
+  // More than 65536 frames each way, in random sizes and layouts, so every 16-bit index wraps.
+  FrontendOptions opts;
+  opts.queue_size = 64;
+  setup({}, opts);
+  fe->post_rx_buffers(0);
+  uint32_t rng = 12345;
+  auto next = [&] { return rng = rng * 1103515245 + 12345; };
+  const TxLayout layouts[] = {TxLayout::Single, TxLayout::SplitHeader, TxLayout::Indirect,
+                              TxLayout::Scattered};
+  size_t sent = 0, checked = 0, returned = 0;
+  RxBatch batch;
+  std::vector<std::vector<uint8_t>> in_flight;
+  while (sent < 70000) {
+    in_flight.clear();
+    for (int i = 0; i < 16; ++i) {
+      auto frame = make_frame(60 + next() % 1400, static_cast<uint32_t>(sent));
+      if (!fe->transmit(0, frame, layouts[next() % 4])) break;
+      in_flight.push_back(std::move(frame));
+      ++sent;
+    }
+    fe->kick(1);
+    pump();
+    size_t got = 0;
+    do {
+      size_t n = port->receive_batch(batch);
+      for (size_t i = 0; i < n; ++i, ++got) {
+        ASSERT_LT(got, in_flight.size());
+        ASSERT_TRUE(std::equal(batch.frame(i).begin(), batch.frame(i).end(), in_flight[got].begin(),
+                               in_flight[got].end()));
+        ASSERT_TRUE(port->send(batch.frame(i)));
+      }
+    } while (batch.more());
+    port->release();
+    ASSERT_EQ(got, in_flight.size());
+    checked += got;
+    fe->reclaim_tx(0);
+    size_t back = 0;
+    fe->receive(0, [&](std::span<const uint8_t> f) {
+      ASSERT_TRUE(std::equal(f.begin(), f.end(), in_flight[back].begin(), in_flight[back].end()));
+      ++back;
+    });
+    ASSERT_EQ(back, in_flight.size());
+    returned += back;
+  }
+  EXPECT_EQ(checked, sent);
+  EXPECT_EQ(returned, sent);
+  EXPECT_EQ(port->counters().device_errors, 0u);
+  EXPECT_EQ(port->counters().tx_dropped_no_buffers, 0u);
 }
 
 TEST_F(NetPortTest, StoppedRingRestartsFromItsBase) {
