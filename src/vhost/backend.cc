@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "base/log.h"
@@ -401,8 +402,8 @@ Result<bool> VhostUserBackend::read_some() {
 }
 
 Result<void> VhostUserBackend::send_reply(uint32_t request, std::span<const uint8_t> payload) {
-  uint8_t buffer[kHeaderSize + 64];
-  KEEL_CHECK(payload.size() <= 64);
+  uint8_t buffer[kHeaderSize + sizeof(ConfigHeader) + kMaxConfigSize];
+  KEEL_CHECK(payload.size() <= sizeof buffer - kHeaderSize);
   size_t len = encode_reply(request, payload, buffer);
   ssize_t n = send(conn_.get(), buffer, len, MSG_NOSIGNAL | MSG_DONTWAIT);
   if (n < 0) return fail_errno("send reply");
@@ -443,7 +444,8 @@ void VhostUserBackend::watch_kick(uint32_t index) {
 
 Result<void> VhostUserBackend::dispatch(const DecodedMessage& m) {
   const uint64_t offered = device_.device_features() | feature_bit(kFeatureProtocolFeatures);
-  const uint64_t offered_protocol = feature_bit(kProtocolMq) | feature_bit(kProtocolReplyAck);
+  const uint64_t offered_protocol = feature_bit(kProtocolMq) | feature_bit(kProtocolReplyAck) |
+                                    (device_.has_config() ? feature_bit(kProtocolConfig) : 0);
 
   switch (m.request()) {
     case Request::GetFeatures:
@@ -556,6 +558,25 @@ Result<void> VhostUserBackend::dispatch(const DecodedMessage& m) {
       q->set_enabled(m.state.num == 1);
       return ok();
     }
+
+    case Request::GetConfig: {
+      // The reply echoes the request's header with the bytes filled in; an empty payload tells the
+      // front-end the read failed.
+      uint8_t reply[sizeof(ConfigHeader) + kMaxConfigSize];
+      std::memcpy(reply, &m.config, sizeof m.config);
+      std::span<uint8_t> data(reply + sizeof(ConfigHeader), m.config.size);
+      std::fill(data.begin(), data.end(), 0);
+      if (!(protocol_features_ & feature_bit(kProtocolConfig)) || !device_.read_config(m.config.offset, data)) {
+        TRY(send_reply(m.header.request, {}));
+        return refuse("GET_CONFIG");
+      }
+      return send_reply(m.header.request, {reply, sizeof(ConfigHeader) + m.config.size});
+    }
+
+    case Request::SetConfig:
+      if (!(protocol_features_ & feature_bit(kProtocolConfig))) return refuse("SET_CONFIG");
+      if (auto r = device_.write_config(m.config.offset, m.config_data); !r) return refuse("SET_CONFIG");
+      return ok();
 
     case Request::SetLogBase:
       // We never offer VHOST_F_LOG_ALL or LOG_SHMFD, so there is no dirty log to set up; the reply

@@ -59,6 +59,17 @@ public:
   virtual void quiesce() {}
   // The connection went away (the device's queues are already reset).
   virtual void on_disconnect() {}
+  // Devices whose config space lives in the back-end (vhost-user-blk: capacity, geometry...) say so
+  // here; the backend then offers VHOST_USER_PROTOCOL_F_CONFIG. virtio-net leaves it to QEMU.
+  virtual bool has_config() const { return false; }
+  // Fills `out` with config bytes [offset, offset + out.size()) (the range is within 256 bytes).
+  virtual Result<void> read_config(uint32_t /*offset*/, std::span<uint8_t> /*out*/) {
+    return fail(EOPNOTSUPP, "no config space");
+  }
+  // The driver wrote config bytes at `offset`.
+  virtual Result<void> write_config(uint32_t /*offset*/, std::span<const uint8_t> /*data*/) {
+    return fail(EOPNOTSUPP, "config space is read-only");
+  }
 };
 
 struct BackendCounters {

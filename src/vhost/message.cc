@@ -192,6 +192,22 @@ Result<DecodedMessage> decode_message(const MessageHeader& header, std::span<con
       return m;
     }
 
+    case Request::GetConfig:
+    case Request::SetConfig: {
+      if (header.size < sizeof(ConfigHeader))
+        return fail_invalid("vhost-user {}: {}-byte payload is too short", request_name(header.request),
+                            header.size);
+      TRY(need_fds(m, num_fds, 0));
+      m.config = load<ConfigHeader>(payload);
+      if (m.config.size > kMaxConfigSize || m.config.offset > kMaxConfigSize ||
+          m.config.offset + m.config.size > kMaxConfigSize)
+        return fail_invalid("vhost-user {}: config window {}+{} is beyond {} bytes",
+                            request_name(header.request), m.config.offset, m.config.size, kMaxConfigSize);
+      TRY(need_size(m, sizeof(ConfigHeader) + m.config.size));
+      m.config_data = payload.subspan(sizeof(ConfigHeader), m.config.size);
+      return m;
+    }
+
     case Request::SetLogBase:
     case Request::SetLogFd:
     case Request::SetBackendReqFd:

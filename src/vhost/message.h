@@ -114,6 +114,14 @@ struct VringAddr {
 };
 static_assert(sizeof(VringAddr) == 40);
 
+// GET_CONFIG / SET_CONFIG: a window of the device's config space.
+struct ConfigHeader {
+  uint32_t offset;
+  uint32_t size;
+  uint32_t flags;
+};
+inline constexpr uint32_t kMaxConfigSize = 256;
+
 struct MemRegionDesc {
   uint64_t guest_phys_addr;
   uint64_t memory_size;
@@ -139,6 +147,8 @@ struct DecodedMessage {
   bool vring_has_fd = false;     // SET_VRING_KICK/CALL/ERR: false when the no-fd flag was set
   uint32_t nregions = 0;         // SET_MEM_TABLE
   MemRegionDesc regions[kMaxMemRegions]{};
+  ConfigHeader config{};         // GET_CONFIG / SET_CONFIG
+  std::span<const uint8_t> config_data;  // SET_CONFIG: points into the decoded payload
 
   Request request() const { return static_cast<Request>(header.request); }
   bool need_reply() const { return (header.flags & kFlagNeedReply) != 0; }

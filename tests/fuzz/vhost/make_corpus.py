@@ -70,6 +70,9 @@ MESSAGES = {
     "enable_bad_value": msg(18, state(0, 7)),
     "truncated": msg(9, addr(0, 1, 2, 3))[:30],
     "unoffered_feature": msg(2, u64(1)),
+    "get_config": handshake(0) + msg(24, struct.pack("<III", 0, 6, 0) + bytes(6)),
+    "config_past_end": msg(24, struct.pack("<III", 250, 10, 0) + bytes(10)),
+    "set_config": msg(25, struct.pack("<III", 32, 1, 0) + b"\x01"),
 }
 
 

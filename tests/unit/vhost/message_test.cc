@@ -105,6 +105,26 @@ TEST(VhostMessage, MemTableIsValidated) {
   EXPECT_FALSE(decode(Request::SetMemTable, mem_table({offset_wraps}), 1));
 }
 
+TEST(VhostMessage, ConfigWindowIsBounded) {
+  auto config = [](uint32_t offset, uint32_t size, size_t data) {
+    ConfigHeader h{offset, size, 0};
+    std::vector<uint8_t> b = bytes_of(h);
+    b.resize(b.size() + data);
+    return b;
+  };
+  auto ok_msg = decode(Request::GetConfig, config(0, 60, 60));
+  ASSERT_TRUE(ok_msg);
+  EXPECT_EQ(ok_msg->config.size, 60u);
+  auto set = decode(Request::SetConfig, config(32, 1, 1));
+  ASSERT_TRUE(set);
+  EXPECT_EQ(set->config_data.size(), 1u);
+  EXPECT_FALSE(decode(Request::GetConfig, config(0, 60, 59)));    // size mismatch
+  EXPECT_FALSE(decode(Request::GetConfig, config(250, 10, 10)));   // past 256 bytes
+  EXPECT_FALSE(decode(Request::GetConfig, config(0, 300, 300)));
+  EXPECT_FALSE(decode(Request::GetConfig, config(0xffffffff, 2, 2)));  // offset + size wraps
+  EXPECT_FALSE(decode(Request::GetConfig, std::vector<uint8_t>(8)));
+}
+
 TEST(VhostMessage, UnknownRequestsDecodeAsHeaderOnly) {
   MessageHeader h{999, kVersion, 3};
   uint8_t payload[3] = {1, 2, 3};
