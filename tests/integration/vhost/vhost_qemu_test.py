@@ -214,24 +214,25 @@ def run_backend_restart(args):
     accel = accelerator(args.accel_cmd)
     with tempfile.TemporaryDirectory(prefix="keel-vhost-it-") as tmp:
         sock = os.path.join(tmp, "vhost.sock")
-        responder_args = [args.responder, "--socket", sock, "--ip", RESPONDER_IP]
-        r1 = Process("responder1", responder_args)
+        # The second back-end answers for another address, so the guest can tell it is there.
+        second_ip = "10.0.2.3"
+        r1 = Process("responder1", [args.responder, "--socket", sock, "--ip", RESPONDER_IP])
         procs = [r1]
         try:
             if not r1.wait_for(r"^READY", 10):
                 fail("responder did not start", r1)
-            # After the first ping the test kills the back-end (the guest sleeps meanwhile), then
-            # the guest waits for the link to work again and pings for real.
-            command = (PING + "; echo PING1-DONE; sleep 4; i=0; while [ $i -lt 60 ]; do "
-                       f"ping -c 1 -W 1 {RESPONDER_IP} >/dev/null 2>&1 && break; i=$((i+1)); done; "
-                       + PING)
+            # After the first ping the test replaces the back-end; the guest waits until the new one
+            # answers, then pings it for real.
+            command = (PING + "; echo PING1-DONE; i=0; while [ $i -lt 90 ]; do "
+                       f"ping -c 1 -W 1 {second_ip} >/dev/null 2>&1 && break; i=$((i+1)); done; "
+                       f"ping -c 3 -W 5 {second_ip}")
             q = start_qemu("vm", args.kit, accel, sock, False, command, reconnect=True)
             procs.append(q)
             ping_and_check(q, r1, keep_running=True)
             first = q.next_line
             r1.kill()
             print("responder1: killed")
-            r2 = Process("responder2", responder_args)
+            r2 = Process("responder2", [args.responder, "--socket", sock, "--ip", second_ip])
             procs.append(r2)
             if not r2.wait_for(r"^READY", 10):
                 fail("second responder did not start", r2)
