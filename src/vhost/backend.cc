@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/timerfd.h>
@@ -17,7 +18,7 @@ namespace keel::vhost {
 
 namespace {
 
-enum class WatchKind : uint32_t { Listen = 1, Connection = 2, Timer = 3, Kick = 4 };
+enum class WatchKind : uint32_t { Listen = 1, Connection = 2, Timer = 3, Kick = 4, Wake = 5 };
 
 uint64_t watch_tag(WatchKind kind, uint32_t index = 0) {
   return (static_cast<uint64_t>(kind) << 32) | index;
@@ -94,6 +95,10 @@ Result<void> VhostUserBackend::start() {
   int epoll = epoll_create1(EPOLL_CLOEXEC);
   if (epoll < 0) return fail_errno("epoll_create1");
   epoll_.reset(epoll);
+  int wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake < 0) return fail_errno("eventfd");
+  wake_.reset(wake);
+  TRY(epoll_add(epoll_.get(), wake_.get(), watch_tag(WatchKind::Wake)));
   if (options_.mode == SocketMode::Server) {
     if (options_.socket_path.empty()) return ok();  // connections are attached
     return listen_socket();
@@ -240,6 +245,11 @@ void VhostUserBackend::update_ready_states() {
   }
 }
 
+void VhostUserBackend::wake() {
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(wake_.get(), &one, sizeof one);
+}
+
 Result<void> VhostUserBackend::wait_and_handle(std::chrono::milliseconds timeout) {
   epoll_event ev;
   int n = epoll_wait(epoll_.get(), &ev, 1, static_cast<int>(timeout.count()));
@@ -268,6 +278,11 @@ Result<void> VhostUserBackend::handle_events() {
         uint64_t expirations;
         [[maybe_unused]] ssize_t r = ::read(timer_.get(), &expirations, sizeof expirations);
         try_connect();
+        break;
+      }
+      case WatchKind::Wake: {
+        uint64_t count;
+        [[maybe_unused]] ssize_t r = ::read(wake_.get(), &count, sizeof count);
         break;
       }
       case WatchKind::Kick:

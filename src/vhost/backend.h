@@ -104,6 +104,9 @@ public:
   uint32_t queue_count() const { return static_cast<uint32_t>(queues_.size()); }
   const BackendCounters& counters() const { return counters_; }
   const std::string& socket_path() const { return options_.socket_path; }
+  // Makes poll_fd() readable until the next handle_events(): a device that stopped early (a full
+  // batch) asks to be called again even if no new kick comes.
+  void wake();
   // Bitmap of queues kicked since the last call (queue i -> bit i, first 64 queues).
   uint64_t take_kicked() { return std::exchange(kicked_, 0); }
 
@@ -138,6 +141,7 @@ private:
   UniqueFd listen_;
   UniqueFd conn_;
   UniqueFd timer_;  // client mode reconnect timer
+  UniqueFd wake_;   // eventfd behind wake()
 
   GuestMemory memory_;
   std::vector<VirtQueue> queues_;

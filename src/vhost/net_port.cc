@@ -153,7 +153,10 @@ size_t VhostNetPort::receive_batch(RxBatch& batch) {
     while (q.ready()) {
       if (batch.count_ == RxBatch::kMaxFrames || held_count_ == kMaxHeld) {
         batch.more_ = q.available() != 0;
-        if (batch.more_) return batch.count_;
+        if (batch.more_) {
+          backend_->wake();  // keep poll_fd() readable for a caller that waits instead of looping
+          return batch.count_;
+        }
         break;
       }
       auto status = q.pop(memory, chain_);
@@ -187,6 +190,7 @@ size_t VhostNetPort::receive_batch(RxBatch& batch) {
           --held_count_;
           q.unpop(1);
           batch.more_ = true;
+          backend_->wake();
           return batch.count_;
         }
         uint8_t* dst = scratch_.get() + scratch_used;

@@ -96,8 +96,8 @@ public:
   std::span<const uint8_t> frame(size_t i) const { return frames_[i].data; }
   uint16_t queue_pair(size_t i) const { return frames_[i].queue_pair; }
   // True when receive_batch() stopped for lack of room rather than because the guest's transmit
-  // queues were empty: call it again before waiting on poll_fd() (kicks stay suppressed until the
-  // port catches up).
+  // queues were empty: call it again (kicks stay suppressed until the port catches up). poll_fd()
+  // is kept readable meanwhile, so a loop that only runs on readiness does not stall either.
   bool more() const { return more_; }
 
 private:
