@@ -1,0 +1,71 @@
+// GuestMemory: the front-end's memory regions mapped into this process, and the translation of
+// guest-physical addresses (what virtio descriptors hold) and front-end virtual addresses (what
+// SET_VRING_ADDR holds) to pointers here.
+//
+// Every translation is bounds-checked: a range must lie inside one region, or the lookup fails. A
+// range that straddles two regions fails too, even if they happen to be contiguous; the caller turns
+// that into an error on the device.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+
+#include "base/mapping.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
+#include "vhost/message.h"
+
+namespace keel::vhost {
+
+class GuestMemory {
+public:
+  struct Region {
+    uint64_t guest_phys_addr = 0;
+    uint64_t size = 0;
+    uint64_t user_addr = 0;  // where the front-end has it mapped
+    uint8_t* host = nullptr;  // where we have it: mapping.data() + mmap_offset
+    Mapping mapping;
+  };
+
+  GuestMemory() = default;
+  GuestMemory(GuestMemory&&) noexcept = default;
+  GuestMemory& operator=(GuestMemory&&) noexcept = default;
+
+  // Maps every region of a decoded SET_MEM_TABLE; fds[i] backs regions[i]. The fd must be a regular
+  // file (memfd, hugetlbfs, tmpfs) at least mmap_offset + memory_size long, so no access through the
+  // mapping can fault past its end.
+  static Result<GuestMemory> map(std::span<const MemRegionDesc> regions, std::span<const UniqueFd> fds);
+
+  // Adds one region mapped from fd (shared, read-write). Regions must not overlap.
+  Result<void> add_region(int fd, const MemRegionDesc& desc);
+
+  // Pointer to [gpa, gpa + len) if it lies inside one region, else nullptr.
+  uint8_t* gpa_to_host(uint64_t gpa, uint64_t len) const {
+    for (size_t i = 0; i < count_; ++i) {
+      const Region& r = regions_[i];
+      uint64_t off = gpa - r.guest_phys_addr;
+      if (gpa >= r.guest_phys_addr && off <= r.size && len <= r.size - off) return r.host + off;
+    }
+    return nullptr;
+  }
+  // Pointer to [uva, uva + len) of the front-end's address space if it lies inside one region.
+  uint8_t* uva_to_host(uint64_t uva, uint64_t len) const {
+    for (size_t i = 0; i < count_; ++i) {
+      const Region& r = regions_[i];
+      uint64_t off = uva - r.user_addr;
+      if (uva >= r.user_addr && off <= r.size && len <= r.size - off) return r.host + off;
+    }
+    return nullptr;
+  }
+
+  size_t region_count() const { return count_; }
+  const Region& region(size_t i) const { return regions_[i]; }
+  bool empty() const { return count_ == 0; }
+
+private:
+  std::array<Region, kMaxMemRegions> regions_{};
+  size_t count_ = 0;
+};
+
+}  // namespace keel::vhost

@@ -1,0 +1,327 @@
+#include "vhost/net_port.h"
+
+#include <cstring>
+
+#include "base/log.h"
+
+namespace keel::vhost {
+
+namespace {
+
+// Copies bytes [pos, pos + n) of the logical stream "header then frame" into `segments`, starting
+// at the beginning of the segments. Returns how many bytes it wrote (bounded by the segments'
+// room).
+size_t write_stream(std::span<const BufferSegment> segments, const uint8_t* header, size_t header_len,
+                    std::span<const uint8_t> frame, size_t pos) {
+  size_t total = header_len + frame.size();
+  size_t written = 0;
+  for (const BufferSegment& seg : segments) {
+    size_t seg_off = 0;
+    while (seg_off < seg.len && pos < total) {
+      const uint8_t* src;
+      size_t avail;
+      if (pos < header_len) {
+        src = header + pos;
+        avail = header_len - pos;
+      } else {
+        src = frame.data() + (pos - header_len);
+        avail = total - pos;
+      }
+      size_t n = std::min<size_t>(avail, seg.len - seg_off);
+      std::memcpy(seg.data + seg_off, src, n);
+      seg_off += n;
+      pos += n;
+      written += n;
+    }
+    if (pos == total) break;
+  }
+  return written;
+}
+
+}  // namespace
+
+VhostNetPort::VhostNetPort(VhostNetOptions options) : options_(std::move(options)) {}
+
+VhostNetPort::~VhostNetPort() = default;
+
+Result<std::unique_ptr<VhostNetPort>> VhostNetPort::create(VhostNetOptions options) {
+  if (options.queue_pairs == 0 || options.queue_pairs > kMaxQueues / 2)
+    return fail_invalid("vhost-net: {} queue pairs (must be 1..{})", options.queue_pairs, kMaxQueues / 2);
+  std::unique_ptr<VhostNetPort> port(new VhostNetPort(std::move(options)));
+  port->scratch_.reset(new uint8_t[kScratchSize]);
+  BackendOptions backend_options;
+  backend_options.socket_path = port->options_.socket_path;
+  backend_options.mode = port->options_.mode;
+  backend_options.reconnect_interval = port->options_.reconnect_interval;
+  port->backend_ = TRY(VhostUserBackend::create(*port, std::move(backend_options)));
+  return port;
+}
+
+uint64_t VhostNetPort::device_features() const {
+  uint64_t f = feature_bit(kVirtioFVersion1) | feature_bit(kVirtioFRingEventIdx) |
+               feature_bit(kVirtioFRingIndirectDesc) | feature_bit(kVirtioFAnyLayout) |
+               feature_bit(kVirtioNetFStatus);
+  if (options_.mergeable_rx_buffers) f |= feature_bit(kVirtioNetFMrgRxbuf);
+  if (options_.queue_pairs > 1) f |= feature_bit(kVirtioNetFMq);
+  return f;
+}
+
+void VhostNetPort::on_features(uint64_t features) {
+  mergeable_ = (features & feature_bit(kVirtioNetFMrgRxbuf)) != 0;
+  bool long_header = mergeable_ || (features & feature_bit(kVirtioFVersion1));
+  header_size_ = long_header ? sizeof(VirtioNetHdr) : sizeof(VirtioNetHdr) - sizeof(uint16_t);
+}
+
+void VhostNetPort::on_queue_ready(uint32_t index, bool ready) {
+  // Receive buffers are only looked for when a frame is there to deliver: no kicks wanted.
+  if (ready && index % 2 == 0) backend_->queue(index).set_kicks_wanted(false);
+  update_link();
+}
+
+void VhostNetPort::on_disconnect() {
+  held_count_ = 0;
+  update_link();
+}
+
+void VhostNetPort::update_link() {
+  uint16_t active = 0;
+  for (uint16_t p = 0; p < options_.queue_pairs; ++p)
+    if (backend_->queue(2 * p).ready() && backend_->queue(2 * p + 1).ready()) ++active;
+  active_pairs_ = active;
+  bool up = backend_->connected() && backend_->queue(0).ready() && backend_->queue(1).ready();
+  if (up != link_up_) {
+    link_up_ = up;
+    KEEL_LOG_INFO("vhost-net {}: link {}", options_.socket_path, up ? "up" : "down");
+    if (link_callback_) link_callback_(up);
+  }
+}
+
+Result<void> VhostNetPort::handle_events() {
+  release();
+  TRY(backend_->handle_events());
+  // Kicks were drained by the backend; receive_batch() looks at every queue anyway.
+  (void)backend_->take_kicked();
+  return ok();
+}
+
+Result<void> VhostNetPort::wait_and_handle(std::chrono::milliseconds timeout) {
+  release();
+  TRY(backend_->wait_and_handle(timeout));
+  (void)backend_->take_kicked();
+  return ok();
+}
+
+void VhostNetPort::count_broken(VirtQueue&) {
+  ++counters_.device_errors;
+  update_link();
+}
+
+void VhostNetPort::release() {
+  if (held_count_ == 0) return;
+  // Chains were held in pop order per queue, so completing them in array order keeps each queue
+  // in order.
+  uint64_t touched = 0;
+  for (size_t i = 0; i < held_count_; ++i) {
+    VirtQueue& q = backend_->queue(held_[i].queue);
+    if (!q.mapped()) continue;
+    q.push_used(held_[i].head, 0);
+    touched |= 1ull << (held_[i].queue / 2 % 64);
+  }
+  held_count_ = 0;
+  for (uint16_t p = 0; p < options_.queue_pairs; ++p) {
+    if (!(touched & (1ull << (p % 64)))) continue;
+    VirtQueue& q = backend_->queue(2 * p + 1);
+    q.publish_used();
+    if (q.notify_if_needed()) ++counters_.guest_notifications;
+  }
+}
+
+size_t VhostNetPort::receive_batch(RxBatch& batch) {
+  release();
+  batch.count_ = 0;
+  batch.more_ = false;
+  const GuestMemory& memory = backend_->memory();
+  size_t scratch_used = 0;
+  uint16_t pairs = options_.queue_pairs;
+  uint16_t start = next_rx_pair_;
+  next_rx_pair_ = static_cast<uint16_t>((start + 1) % pairs);
+
+  for (uint16_t step = 0; step < pairs; ++step) {
+    uint16_t pair = static_cast<uint16_t>((start + step) % pairs);
+    uint16_t qi = static_cast<uint16_t>(2 * pair + 1);
+    VirtQueue& q = backend_->queue(qi);
+    while (q.ready()) {
+      if (batch.count_ == RxBatch::kMaxFrames || held_count_ == kMaxHeld) {
+        batch.more_ = q.available() != 0;
+        if (batch.more_) {
+          backend_->wake();  // keep poll_fd() readable for a caller that waits instead of looping
+          return batch.count_;
+        }
+        break;
+      }
+      auto status = q.pop(memory, chain_);
+      if (status == VirtQueue::PopStatus::Empty) break;
+      if (status == VirtQueue::PopStatus::Broken) {
+        count_broken(q);
+        break;
+      }
+      held_[held_count_++] = HeldChain{qi, chain_.head};
+
+      uint64_t total = chain_.readable_bytes;
+      if (total < header_size_ + 14 || total - header_size_ > kMaxFrameSize) {
+        ++counters_.rx_dropped;
+        continue;
+      }
+      size_t frame_len = static_cast<size_t>(total - header_size_);
+      // Find where the frame starts, past the header.
+      size_t skip = header_size_;
+      size_t seg = 0;
+      auto readable = chain_.readable();
+      while (seg < readable.size() && skip >= readable[seg].len) {
+        skip -= readable[seg].len;
+        ++seg;
+      }
+      std::span<const uint8_t> frame;
+      if (readable[seg].len - skip >= frame_len) {
+        frame = {readable[seg].data + skip, frame_len};
+      } else {
+        if (kScratchSize - scratch_used < frame_len) {
+          // No room to gather this one: leave it for the next batch.
+          --held_count_;
+          q.unpop(1);
+          batch.more_ = true;
+          backend_->wake();
+          return batch.count_;
+        }
+        uint8_t* dst = scratch_.get() + scratch_used;
+        size_t copied = 0;
+        for (size_t s = seg; s < readable.size() && copied < frame_len; ++s) {
+          size_t off = s == seg ? skip : 0;
+          size_t n = std::min<size_t>(readable[s].len - off, frame_len - copied);
+          std::memcpy(dst + copied, readable[s].data + off, n);
+          copied += n;
+        }
+        frame = {dst, frame_len};
+        scratch_used += frame_len;
+      }
+      batch.frames_[batch.count_++] = RxBatch::Entry{frame, pair};
+      ++counters_.rx_frames;
+      counters_.rx_bytes += frame_len;
+    }
+  }
+  return batch.count_;
+}
+
+bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
+  const GuestMemory& memory = backend_->memory();
+  VirtioNetHdr header{};
+  const size_t need = header_size_ + frame.size();
+  auto* header_bytes = reinterpret_cast<uint8_t*>(&header);
+
+  if (!mergeable_) {
+    header.num_buffers = 1;
+    auto status = q.pop(memory, chain_);
+    if (status == VirtQueue::PopStatus::Broken) {
+      count_broken(q);
+      return false;
+    }
+    if (status == VirtQueue::PopStatus::Empty) {
+      ++counters_.tx_dropped_no_buffers;
+      return false;
+    }
+    if (chain_.writable_bytes < need) {
+      // Too small for the frame: the guest gets it back empty (it counts a length error).
+      q.push_used(chain_.head, 0);
+      ++counters_.tx_dropped_no_buffers;
+      return false;
+    }
+    write_stream(chain_.writable(), header_bytes, header_size_, frame, 0);
+    q.push_used(chain_.head, static_cast<uint32_t>(need));
+    return true;
+  }
+
+  // Mergeable buffers: spread header + frame over as many chains as it takes, then tell the guest
+  // how many in the first header.
+  size_t pos = 0;
+  size_t count = 0;
+  uint8_t* num_buffers_at[2] = {nullptr, nullptr};
+  while (pos < need) {
+    if (count == kMaxMergedBuffers) {
+      q.unpop(static_cast<uint16_t>(count));
+      ++counters_.tx_dropped_too_big;
+      return false;
+    }
+    auto status = q.pop(memory, chain_);
+    if (status == VirtQueue::PopStatus::Broken) {
+      count_broken(q);
+      return false;
+    }
+    if (status == VirtQueue::PopStatus::Empty) {
+      q.unpop(static_cast<uint16_t>(count));
+      ++counters_.tx_dropped_no_buffers;
+      return false;
+    }
+    if (chain_.writable_bytes == 0) {
+      q.mark_broken("receive buffer with no device-writable part");
+      count_broken(q);
+      return false;
+    }
+    if (count == 0) {
+      // Remember where num_buffers (header bytes 10 and 11) lands; it may straddle segments.
+      const size_t off = offsetof(VirtioNetHdr, num_buffers);
+      size_t base = 0;
+      for (const BufferSegment& seg : chain_.writable()) {
+        for (size_t b = 0; b < 2; ++b)
+          if (!num_buffers_at[b] && off + b >= base && off + b < base + seg.len)
+            num_buffers_at[b] = seg.data + (off + b - base);
+        base += seg.len;
+      }
+    }
+    size_t n = write_stream(chain_.writable(), header_bytes, header_size_, frame, pos);
+    pos += n;
+    merge_heads_[count] = chain_.head;
+    merge_lens_[count] = static_cast<uint32_t>(n);
+    ++count;
+  }
+  uint16_t nb = static_cast<uint16_t>(count);
+  if (num_buffers_at[0]) *num_buffers_at[0] = static_cast<uint8_t>(nb & 0xff);
+  if (num_buffers_at[1]) *num_buffers_at[1] = static_cast<uint8_t>(nb >> 8);
+  for (size_t i = 0; i < count; ++i) q.push_used(merge_heads_[i], merge_lens_[i]);
+  return true;
+}
+
+size_t VhostNetPort::send_batch(std::span<const std::span<const uint8_t>> frames, uint16_t queue_pair) {
+  uint16_t pair = static_cast<uint16_t>(queue_pair % options_.queue_pairs);
+  if (!backend_->queue(2 * pair).ready()) pair = 0;
+  VirtQueue& q = backend_->queue(2 * pair);
+  if (!q.ready()) {
+    counters_.tx_dropped_link_down += frames.size();
+    return 0;
+  }
+  size_t delivered = 0;
+  for (auto frame : frames) {
+    if (frame.size() > kMaxFrameSize) {
+      ++counters_.tx_dropped_too_big;
+      continue;
+    }
+    if (!q.ready()) {
+      ++counters_.tx_dropped_link_down;
+      continue;
+    }
+    if (send_one(q, frame)) {
+      ++delivered;
+      ++counters_.tx_frames;
+      counters_.tx_bytes += frame.size();
+    }
+  }
+  q.publish_used();
+  if (q.notify_if_needed()) ++counters_.guest_notifications;
+  return delivered;
+}
+
+bool VhostNetPort::send(std::span<const uint8_t> frame, uint16_t queue_pair) {
+  std::span<const uint8_t> one[1] = {frame};
+  return send_batch(one, queue_pair) == 1;
+}
+
+}  // namespace keel::vhost
