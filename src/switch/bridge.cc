@@ -1311,7 +1311,7 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
         w.u8(t);
         w.zeros(3);
         if (v == kOf10) {
-          w.fixed_string(t == 0 ? "classifier" : fmt::format("table{}", t), 32);
+          w.zeros(32);  // unnamed, as Open vSwitch reports its tables
           w.u32(0x3fffff);
           w.u32(1000000);
         }
@@ -1363,15 +1363,8 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       rep.done();
       return;
     }
-    default:
-      break;
-  }
-  if (v == kOf10) {
-    if (type == OFPMP_EXPERIMENTER) return error(OFPET_BAD_REQUEST, 3, "vendor stats");
-    return error(OFPET_BAD_REQUEST, 2, "unsupported stats type");
-  }
-  switch (type) {
     case OFPMP_PORT_DESC: {
+      // Also answered for 1.0, where it is an Open vSwitch extension that ovs-ofctl relies on.
       MultipartReply rep(c, h.xid, type);
       for (auto& [no, bp] : ports_) {
         ByteWriter w = rep.writer();
@@ -1381,6 +1374,14 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       rep.done();
       return;
     }
+    default:
+      break;
+  }
+  if (v == kOf10) {
+    if (type == OFPMP_EXPERIMENTER) return error(OFPET_BAD_REQUEST, 3, "vendor stats");
+    return error(OFPET_BAD_REQUEST, 2, "unsupported stats type");
+  }
+  switch (type) {
     case OFPMP_GROUP:
     case OFPMP_GROUP_DESC: {
       uint32_t gid = OFPG_ALL;
@@ -1427,7 +1428,7 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       ByteWriter w = rep.writer();
       w.u32(0xf);         // all four group types
       w.u32(0x1 | 0x2);   // SELECT_WEIGHT, SELECT_LIVENESS
-      for (int i = 0; i < 4; ++i) w.u32(65535);
+      for (int i = 0; i < 4; ++i) w.u32(OFPG_MAX);
       // Actions each group type supports: output, group, push/pop vlan, set_field, dec ttl...
       uint32_t acts = 1u << 0 | 1u << 17 | 1u << 18 | 1u << 21 | 1u << 22 | 1u << 23 | 1u << 24 | 1u << 25;
       for (int i = 0; i < 4; ++i) w.u32(acts);
@@ -1444,7 +1445,7 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
         w.u16(0);
         w.u8(t);
         w.zeros(5);
-        w.fixed_string(t == 0 ? "classifier" : fmt::format("table{}", t), 32);
+        w.zeros(32);
         w.u64(~0ull);
         w.u64(~0ull);
         w.u32(0);

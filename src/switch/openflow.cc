@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <bitset>
 
 namespace keel::sw {
 
@@ -350,7 +351,7 @@ void encode_match_oxm(ByteWriter& w, const Match& m) {
   size_t start = w.size();
   w.u16(1);
   w.u16(0);  // patched
-  uint64_t emitted_offsets = 0;  // FlowKey offsets already written (shared regions emit once)
+  std::bitset<sizeof(FlowKey)> emitted;  // FlowKey offsets already written (shared regions emit once)
   for (uint8_t f = 0; f < 64; ++f) {
     const auto& fi = oxm_field_info(f);
     if (!fi.known) continue;
@@ -363,10 +364,10 @@ void encode_match_oxm(ByteWriter& w, const Match& m) {
     }
     if (f == uint8_t(Oxm::VlanVid)) full = m.mask.vlan_vid == be16(0x1fff);
     if (!any) continue;
-    if (emitted_offsets & (1ull << (fi.offset / 2))) continue;
+    if (emitted[fi.offset]) continue;
     uint8_t wf = wire_field(m, f);
     if (wf != f) continue;  // emitted under its proper name (which comes later or earlier)
-    emitted_offsets |= 1ull << (fi.offset / 2);
+    emitted[fi.offset] = true;
     bool masked = !full && fi.maskable;
     w.u16(kOxmClassBasic);
     w.u8(uint8_t(wf << 1 | (masked ? 1 : 0)));
