@@ -9,6 +9,7 @@
 #include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <set>
 
 #include "base/log.h"
 
@@ -177,7 +178,12 @@ Result<std::string> SwitchDaemon::apply_command(json& cfg, const std::vector<std
     json* b = TRY(need_bridge(cmd[1]));
     const std::string& port = cmd[2];
     if (find_port(port)) return fail(EEXIST, fmt::format("a port named {} already exists", port));
-    json p{{"type", "system"}, {"options", json::object()}};
+    // OpenFlow port numbers are given out in the order ports are added (the lowest free one), and kept.
+    std::set<uint64_t> used;
+    for (auto& [n, q] : (*b)["ports"].items()) used.insert(q.value("ofport", uint64_t(0)));
+    uint64_t ofport = 1;
+    while (used.count(ofport)) ++ofport;
+    json p{{"type", "system"}, {"options", json::object()}, {"ofport", ofport}};
     // Trailing column=value pairs apply to the port (as ovs-vsctl allows).
     (*b)["ports"][port] = p;
     for (size_t i = 3; i < cmd.size(); ++i) {
@@ -273,8 +279,15 @@ Result<std::string> SwitchDaemon::apply_command(json& cfg, const std::vector<std
         if (clear) (*target).erase("trunks");
         else (*target)["trunks"] = TRY(parse_vlan_list(value));
       } else if (key == "ofport_request") {
-        if (clear) (*target).erase("ofport_request");
-        else (*target)["ofport_request"] = TRY(parse_u64(value, "ofport_request"));
+        if (!clear) {
+          uint64_t req = TRY(parse_u64(value, "ofport_request"));
+          if (req == 0 || req >= 0xff00) return fail_invalid("ofport_request {} out of range", req);
+          for (auto& [bn, b] : bridges.items())
+            for (auto& [pn, q] : b["ports"].items())
+              if (&q != target && q.value("ofport", uint64_t(0)) == req)
+                return fail(EEXIST, fmt::format("OpenFlow port {} is already used by {}", req, pn));
+          (*target)["ofport"] = req;
+        }
       } else if (key == "ingress_policing_rate" || key == "ingress_policing_burst") {
         (*target)[key] = clear ? 0 : TRY(parse_u64(value, key));
       } else {
@@ -438,14 +451,14 @@ Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want) {
   for (auto& [name, p] : want["ports"].items()) {
     bool exists = applied_ports.contains(name);
     if (exists && (applied_ports[name]["type"] != p["type"] || applied_ports[name]["options"] != p["options"] ||
-                   applied_ports[name].value("ofport_request", 0) != p.value("ofport_request", 0))) {
+                   applied_ports[name].value("ofport", 0) != p.value("ofport", 0))) {
       (void)br.remove_port(name);
       applied_ports.erase(name);
       exists = false;
     }
     if (!exists) {
       auto port = TRY_CTX(open_port(name, p), "add port " + name);
-      TRY(br.add_port(name, p.value("type", "system"), std::move(port), p.value("ofport_request", 0u)));
+      TRY(br.add_port(name, p.value("type", "system"), std::move(port), p.value("ofport", 0u)));
     }
     BridgePort* bp = br.port_by_name(name);
     if (!bp) continue;
