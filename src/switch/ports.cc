@@ -269,6 +269,8 @@ Result<std::unique_ptr<Port>> open_afpacket_port(const std::string& ifname) {
   mr.mr_type = PACKET_MR_PROMISC;
   if (setsockopt(fd.get(), SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof mr) < 0)
     return fail_errno("promiscuous mode on " + ifname);
+  // Transmissions skip the qdisc layer (veths and most uplinks have none worth going through).
+  setsockopt(fd.get(), SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
   TRY(set_interface_up(ifname));
   return std::unique_ptr<Port>(new AfPacketPort(std::move(fd), ifname));
 }
