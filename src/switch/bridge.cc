@@ -88,6 +88,7 @@ Bridge::Bridge(EventLoop& loop, std::string name, uint64_t datapath_id)
     auto now = Clock::now();
     expire_flows(now);
     mac_table_.expire(now);
+    if (netflow_) netflow_->expire(now);
     // Link state changes (veth peer gone, stream peer disconnected) become PORT_STATUS messages.
     for (auto& [no, bp] : ports_) {
       bool live = bp->port->link_up();
@@ -273,7 +274,19 @@ void Bridge::process_batch(BridgePort& in, PacketBatch& batch) {
       }
     }
     scratch_used_ = 0;
+    if (mirroring_) mirror_frame(frame, &in, true);
+    last_output_ = 0;
+    bool is_ipv4 = key.eth_type == be16(kEthTypeIpv4) && layout.l3 && frame.len >= layout.l3 + 20u;
+    uint32_t ip_len = 0;
+    uint8_t tcp_flags = 0;
+    if (netflow_ && is_ipv4) {
+      // Before execution: actions may rewrite the frame in place.
+      const uint8_t* ip = frame.data + layout.l3;
+      ip_len = uint32_t(ip[2] << 8 | ip[3]);
+      if (key.ip_proto == IPPROTO_TCP && layout.l4 && frame.len >= layout.l4 + 14u) tcp_flags = frame.data[layout.l4 + 13];
+    }
     execute(e.decision, &in, frame, key);
+    if (netflow_ && is_ipv4) netflow_->account(key, in.ofport, last_output_, ip_len, tcp_flags, now_);
   }
   flush_ports();
 }
@@ -286,6 +299,63 @@ void Bridge::output(BridgePort* out, BridgePort* in, const Frame& frame) {
   }
   out->port->send(frame.data, frame.len);
   if (std::find(dirty_ports_.begin(), dirty_ports_.end(), out) == dirty_ports_.end()) dirty_ports_.push_back(out);
+  last_output_ = out->ofport;
+  if (mirroring_) mirror_frame(frame, out, false);
+}
+
+void Bridge::set_mirrors(std::vector<Mirror> mirrors) {
+  mirrors_ = std::move(mirrors);
+  mirror_outputs_.clear();
+  for (const Mirror& m : mirrors_)
+    if (m.output_port) mirror_outputs_.push_back(m.output_port);
+  mirroring_ = !mirrors_.empty();
+  for (uint32_t p : mirror_outputs_) mac_table_.flush_port(p);
+  invalidate();
+}
+
+bool Bridge::is_mirror_output(const BridgePort* p) const {
+  return std::find(mirror_outputs_.begin(), mirror_outputs_.end(), p->ofport) != mirror_outputs_.end();
+}
+
+void Bridge::mirror_frame(const Frame& frame, BridgePort* port, bool ingress) {
+  for (Mirror& m : mirrors_) {
+    if (port->ofport == m.output_port) continue;
+    const auto& sel = ingress ? m.select_src : m.select_dst;
+    if (!m.select_all && std::find(sel.begin(), sel.end(), port->ofport) == sel.end()) continue;
+    m.packets++;
+    m.bytes += frame.len;
+    if (m.output_port) {
+      BridgePort* out = port_by_ofport(m.output_port);
+      if (!out || !out->live) continue;
+      out->port->send(frame.data, frame.len);
+      if (std::find(dirty_ports_.begin(), dirty_ports_.end(), out) == dirty_ports_.end()) dirty_ports_.push_back(out);
+    } else if (m.output_vlan) {
+      // RSPAN: the copy travels tagged with the mirror VLAN on every trunk that carries it.
+      if (scratch_used_ >= PacketBatch::kCapacity) continue;
+      Frame& c = scratch_frames_[scratch_used_++];
+      c.reset_to_headroom();
+      std::memcpy(c.data, frame.data, frame.len);
+      c.len = frame.len;
+      frame_pop_vlan(c);
+      frame_push_vlan(c, 0x8100, *m.output_vlan);
+      for (auto& [no, bp] : ports_) {
+        if (bp.get() == port || !bp->live) continue;
+        const PortVlan& v = bp->vlan;
+        bool carries = !(v.tag && v.trunks.empty()) &&
+                       (v.trunks.empty() || std::find(v.trunks.begin(), v.trunks.end(), *m.output_vlan) != v.trunks.end());
+        if (!carries) continue;
+        bp->port->send(c.data, c.len);
+        if (std::find(dirty_ports_.begin(), dirty_ports_.end(), bp.get()) == dirty_ports_.end())
+          dirty_ports_.push_back(bp.get());
+      }
+      scratch_used_--;
+    }
+  }
+}
+
+void Bridge::set_netflow(std::unique_ptr<NetFlowExporter> exporter) {
+  if (netflow_) netflow_->expire(Clock::now(), true);
+  netflow_ = std::move(exporter);
 }
 
 void Bridge::execute(const Decision& d, BridgePort* in, Frame& original, const FlowKey& key) {
@@ -399,6 +469,7 @@ void Bridge::do_normal(BridgePort* in, Frame& frame) {
   if (!vlan_allowed(iv, vlan)) return;
   const uint8_t* dst = frame.data;
   const uint8_t* src = frame.data + 6;
+  if (mirroring_ && is_mirror_output(in)) return;  // a mirror's output port only sends
   if (!is_multicast(src)) mac_table_.learn(vlan, src, in->ofport, now_);
 
   // The frame in the two shapes egress ports may want, made at most once each.
@@ -424,7 +495,7 @@ void Bridge::do_normal(BridgePort* in, Frame& frame) {
     return slot;
   };
   auto emit = [&](BridgePort* out) {
-    if (out == in || !out->live) return;
+    if (out == in || !out->live || (mirroring_ && is_mirror_output(out))) return;
     const PortVlan& ov = out->vlan;
     if (!vlan_allowed(ov, vlan)) return;
     bool want_tag = !(ov.tag && *ov.tag == vlan) && vlan != 0;

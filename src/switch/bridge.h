@@ -25,6 +25,7 @@
 #include "base/event_loop.h"
 #include "base/result.h"
 #include "switch/classifier.h"
+#include "switch/netflow.h"
 #include "switch/openflow.h"
 #include "switch/port.h"
 
@@ -60,6 +61,18 @@ struct BridgePort {
   bool live = true;
   Clock::time_point created = Clock::now();
   int registered_fd = -1;
+};
+
+// Port mirroring: copies of frames received on select_src ports and/or sent on select_dst ports (or
+// all ports) go to output_port (SPAN) or, tagged with output_vlan, to every port carrying that VLAN
+// (RSPAN). Mirror output ports take no part in normal switching.
+struct Mirror {
+  std::string name;
+  bool select_all = false;
+  std::vector<uint32_t> select_src, select_dst;  // OpenFlow port numbers
+  uint32_t output_port = 0;                     // 0: none
+  std::optional<uint16_t> output_vlan;
+  uint64_t packets = 0, bytes = 0;
 };
 
 struct Rule : ClsRule {
@@ -135,6 +148,12 @@ public:
 
   MacTable& mac_table() { return mac_table_; }
 
+  // Operator features.
+  void set_mirrors(std::vector<Mirror> mirrors);
+  const std::vector<Mirror>& mirrors() const { return mirrors_; }
+  void set_netflow(std::unique_ptr<NetFlowExporter> exporter);  // null disables
+  NetFlowExporter* netflow() { return netflow_.get(); }
+
   // Datapath entry points (also used by tests): process one batch received on `in`.
   void process_batch(BridgePort& in, PacketBatch& batch);
   // Poll every port once (busy-poll mode and tests).
@@ -206,6 +225,8 @@ private:
                       uint16_t max_len);
   bool police(BridgePort& port, size_t bytes, Clock::time_point now);
   void invalidate() { ++generation_; }
+  void mirror_frame(const Frame& frame, BridgePort* port, bool ingress);
+  bool is_mirror_output(const BridgePort* p) const;
   void register_port_fd(BridgePort& bp);
   void on_port_readable(BridgePort& bp);
   void flush_ports();
@@ -252,6 +273,11 @@ private:
   std::vector<BridgePort*> dirty_ports_;
   Clock::time_point now_{};
   EventLoop::TimerId timer_ = 0;
+  std::vector<Mirror> mirrors_;
+  std::vector<uint32_t> mirror_outputs_;
+  bool mirroring_ = false;
+  std::unique_ptr<NetFlowExporter> netflow_;
+  uint32_t last_output_ = 0;  // for NetFlow's output interface
 };
 
 }  // namespace keel::sw

@@ -12,6 +12,7 @@
 #include <set>
 
 #include "base/log.h"
+#include "switch/bond.h"
 
 namespace keel::sw {
 
@@ -192,12 +193,156 @@ Result<std::string> SwitchDaemon::apply_command(json& cfg, const std::vector<std
     }
     return std::string();
   }
+  if (op == "add-bond") {
+    // add-bond BR PORT IFACE IFACE... [bond_mode=active-backup|balance-slb]
+    TRY(need(4));
+    json* b = TRY(need_bridge(cmd[1]));
+    const std::string& port = cmd[2];
+    if (find_port(port)) return fail(EEXIST, fmt::format("a port named {} already exists", port));
+    json members = json::array();
+    std::string mode = "active-backup";
+    for (size_t i = 3; i < cmd.size(); ++i) {
+      if (cmd[i].rfind("bond_mode=", 0) == 0) {
+        mode = cmd[i].substr(10);
+        TRY(parse_bond_mode(mode));
+      } else {
+        if (find_port(cmd[i])) return fail(EEXIST, fmt::format("{} is already a port", cmd[i]));
+        members.push_back(cmd[i]);
+      }
+    }
+    if (members.size() < 2) return fail_invalid("add-bond: a bond needs at least two interfaces");
+    std::set<uint64_t> used;
+    for (auto& [n, q] : (*b)["ports"].items()) used.insert(q.value("ofport", uint64_t(0)));
+    uint64_t ofport = 1;
+    while (used.count(ofport)) ++ofport;
+    (*b)["ports"][port] = json{{"type", "bond"}, {"options", json::object()}, {"ofport", ofport},
+                              {"members", members}, {"bond_mode", mode}};
+    return std::string();
+  }
+  if (op == "bond/show") {
+    TRY(need(2));
+    Bridge* br = bridge(cmd[1]);
+    BridgePort* bp = br ? br->port_by_name(cmd[2]) : nullptr;
+    auto* bond = bp ? dynamic_cast<BondPort*>(bp->port.get()) : nullptr;
+    if (!bond) return fail(ENOENT, fmt::format("no bond {} on {}", cmd[2], cmd[1]));
+    bond->monitor();
+    std::string out = fmt::format("---- {} ----\nbond_mode: {}\n", cmd[2], bond_mode_name(bond->mode()));
+    for (size_t i = 0; i < bond->members().size(); ++i) {
+      const auto& m = bond->members()[i];
+      out += fmt::format("\nmember {}: {}{}\n", m.name, m.up ? "enabled" : "disabled",
+                         int(i) == bond->active() ? "\n  active member" : "");
+    }
+    return out;
+  }
+  if (op == "add-mirror") {
+    // add-mirror BR NAME [select-src-port=P,..] [select-dst-port=P,..] [select-all=true]
+    //                    (output-port=P | output-vlan=N)
+    TRY(need(2));
+    json* b = TRY(need_bridge(cmd[1]));
+    json m{{"select_src_port", json::array()}, {"select_dst_port", json::array()}, {"select_all", false}};
+    for (size_t i = 3; i < cmd.size(); ++i) {
+      auto eq = cmd[i].find('=');
+      if (eq == std::string::npos) return fail_invalid("add-mirror: expected key=value, got '{}'", cmd[i]);
+      std::string k = cmd[i].substr(0, eq), v = cmd[i].substr(eq + 1);
+      auto names = [&]() -> Result<json> {
+        json arr = json::array();
+        size_t pos = 0;
+        while (pos <= v.size()) {
+          size_t comma = v.find(',', pos);
+          std::string n = v.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+          if (!n.empty()) {
+            if (!(*b)["ports"].contains(n)) return fail(ENOENT, fmt::format("no port named {} on {}", n, cmd[1]));
+            arr.push_back(n);
+          }
+          if (comma == std::string::npos) break;
+          pos = comma + 1;
+        }
+        return arr;
+      };
+      if (k == "select-src-port" || k == "select_src_port") m["select_src_port"] = TRY(names());
+      else if (k == "select-dst-port" || k == "select_dst_port") m["select_dst_port"] = TRY(names());
+      else if (k == "select-all" || k == "select_all") m["select_all"] = v == "true";
+      else if (k == "output-port" || k == "output_port") {
+        json one = TRY(names());
+        if (one.size() != 1) return fail_invalid("add-mirror: output-port takes one port");
+        m["output_port"] = one[0];
+      } else if (k == "output-vlan" || k == "output_vlan") {
+        uint64_t vlan = TRY(parse_u64(v, "output-vlan"));
+        if (vlan == 0 || vlan > 4095) return fail_invalid("output-vlan {} out of range", vlan);
+        m["output_vlan"] = vlan;
+      } else {
+        return fail_invalid("add-mirror: unknown key '{}'", k);
+      }
+    }
+    if (m.contains("output_port") == m.contains("output_vlan"))
+      return fail_invalid("add-mirror: give exactly one of output-port and output-vlan");
+    (*b)["mirrors"][cmd[2]] = m;
+    return std::string();
+  }
+  if (op == "del-mirror") {
+    TRY(need(2));
+    json* b = TRY(need_bridge(cmd[1]));
+    if (!b->contains("mirrors") || !(*b)["mirrors"].contains(cmd[2]))
+      return fail(ENOENT, fmt::format("no mirror named {}", cmd[2]));
+    (*b)["mirrors"].erase(cmd[2]);
+    return std::string();
+  }
+  if (op == "list-mirrors") {
+    TRY(need(1));
+    TRY(need_bridge(cmd[1]));
+    std::string out;
+    if (Bridge* br = bridge(cmd[1]))
+      for (const Mirror& m : br->mirrors())
+        out += fmt::format("{}: tx_packets={} tx_bytes={}\n", m.name, m.packets, m.bytes);
+    return out;
+  }
+  if (op == "set-netflow") {
+    // set-netflow BR targets=IP:PORT [active-timeout=S] [inactive-timeout=S] [engine-type=N] [engine-id=N]
+    TRY(need(2));
+    json* b = TRY(need_bridge(cmd[1]));
+    json nf{{"active_timeout", 60}, {"inactive_timeout", 15}, {"engine_type", 0}, {"engine_id", 0}};
+    for (size_t i = 2; i < cmd.size(); ++i) {
+      auto eq = cmd[i].find('=');
+      if (eq == std::string::npos) return fail_invalid("set-netflow: expected key=value, got '{}'", cmd[i]);
+      std::string k = cmd[i].substr(0, eq), v = cmd[i].substr(eq + 1);
+      std::replace(k.begin(), k.end(), '_', '-');
+      if (k == "targets") nf["target"] = v;
+      else if (k == "active-timeout") nf["active_timeout"] = TRY(parse_u64(v, k));
+      else if (k == "inactive-timeout") nf["inactive_timeout"] = TRY(parse_u64(v, k));
+      else if (k == "engine-type") nf["engine_type"] = std::min<uint64_t>(255, TRY(parse_u64(v, k)));
+      else if (k == "engine-id") nf["engine_id"] = std::min<uint64_t>(255, TRY(parse_u64(v, k)));
+      else return fail_invalid("set-netflow: unknown key '{}'", k);
+    }
+    if (!nf.contains("target")) return fail_invalid("set-netflow: targets=IP:PORT is required");
+    (*b)["netflow"] = nf;
+    return std::string();
+  }
+  if (op == "clear-netflow") {
+    TRY(need(1));
+    json* b = TRY(need_bridge(cmd[1]));
+    b->erase("netflow");
+    return std::string();
+  }
   if (op == "del-port") {
     TRY(need(1));
     const std::string& port = cmd.size() >= 3 ? cmd[2] : cmd[1];
     for (auto& [n, b] : bridges.items())
       if (b["ports"].contains(port)) {
         b["ports"].erase(port);
+        // Mirrors that named the port forget it; one whose output it was goes away.
+        if (b.contains("mirrors")) {
+          std::vector<std::string> dead;
+          for (auto& [mn, m] : b["mirrors"].items()) {
+            for (const char* key : {"select_src_port", "select_dst_port"}) {
+              json kept = json::array();
+              for (auto& x : m[key])
+                if (x != port) kept.push_back(x);
+              m[key] = kept;
+            }
+            if (m.value("output_port", std::string()) == port) dead.push_back(mn);
+          }
+          for (auto& d : dead) b["mirrors"].erase(d);
+        }
         return std::string();
       }
     return fail(ENOENT, fmt::format("no port named {}", port));
@@ -345,6 +490,12 @@ std::string SwitchDaemon::show(const json& cfg) {
   for (auto& [name, b] : cfg["bridges"].items()) {
     out += fmt::format("    Bridge {}\n", name);
     for (auto& c : b["controllers"]) out += fmt::format("        Controller \"{}\"\n", c.get<std::string>());
+    if (b.contains("netflow"))
+      out += fmt::format("        NetFlow \"{}\" (active {}s, inactive {}s)\n", b["netflow"]["target"].get<std::string>(),
+                         b["netflow"]["active_timeout"].get<int>(), b["netflow"]["inactive_timeout"].get<int>());
+    json mirrors = b.value("mirrors", json::object());
+    for (auto& [mn, m] : mirrors.items())
+      out += fmt::format("        Mirror {}: {}\n", mn, m.dump());
     for (auto& [pname, p] : b["ports"].items()) {
       out += fmt::format("        Port {}\n", pname);
       if (p.contains("tag")) out += fmt::format("            tag: {}\n", p["tag"].get<int>());
@@ -353,8 +504,13 @@ std::string SwitchDaemon::show(const json& cfg) {
         for (auto& v : p["trunks"]) t.push_back(std::to_string(v.get<int>()));
         out += fmt::format("            trunks: [{}]\n", fmt::join(t, ", "));
       }
-      out += fmt::format("            Interface {}\n", pname);
       std::string type = p.value("type", "system");
+      if (type == "bond") {
+        out += fmt::format("            bond_mode: {}\n", p.value("bond_mode", "active-backup"));
+        for (auto& m : p["members"]) out += fmt::format("            Interface {}\n", m.get<std::string>());
+        continue;
+      }
+      out += fmt::format("            Interface {}\n", pname);
       if (type != "system") out += fmt::format("                type: {}\n", type);
       if (!p["options"].empty()) {
         std::vector<std::string> opts;
@@ -380,6 +536,16 @@ Result<std::unique_ptr<Port>> open_port(const std::string& name, const json& p) 
     std::string path = opt("path");
     if (path.empty()) return fail_invalid("port {}: type={} needs options:path=SOCKET", name, type);
     return open_socket_port(path, type == "stream" ? SocketFraming::Stream : SocketFraming::Dgram);
+  }
+  if (type == "bond") {
+    std::vector<BondPort::Member> members;
+    for (auto& m : p["members"]) {
+      std::string iface = m.get<std::string>();
+      auto port = TRY_CTX(open_afpacket_port(iface), "bond member " + iface);
+      members.push_back({iface, std::move(port), false});
+    }
+    auto bond = TRY(BondPort::create(TRY(parse_bond_mode(p.value("bond_mode", "active-backup"))), std::move(members)));
+    return std::unique_ptr<Port>(std::move(bond));
   }
   if (type == "vhostuser")
     return fail(ENOTSUP, fmt::format("port {}: vhost-user ports are provided by src/vhost, not in this build",
@@ -451,6 +617,8 @@ Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want) {
   for (auto& [name, p] : want["ports"].items()) {
     bool exists = applied_ports.contains(name);
     if (exists && (applied_ports[name]["type"] != p["type"] || applied_ports[name]["options"] != p["options"] ||
+                   applied_ports[name].value("members", json()) != p.value("members", json()) ||
+                   applied_ports[name].value("bond_mode", json()) != p.value("bond_mode", json()) ||
                    applied_ports[name].value("ofport", 0) != p.value("ofport", 0))) {
       (void)br.remove_port(name);
       applied_ports.erase(name);
@@ -474,6 +642,39 @@ Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want) {
         applied_ports[name].value("ingress_policing_burst", uint64_t(0)) != burst)
       br.set_port_policer(*bp, rate, burst);
     applied_ports[name] = p;
+  }
+  json mirrors = want.value("mirrors", json::object());
+  if (mirrors != lb.applied.value("mirrors", json::object()) || !gone.empty()) {
+    std::vector<Mirror> live;
+    auto ofport_of = [&](const json& n) -> uint32_t {
+      BridgePort* bp = br.port_by_name(n.get<std::string>());
+      return bp ? bp->ofport : 0;
+    };
+    for (auto& [mname, m] : mirrors.items()) {
+      Mirror mm;
+      mm.name = mname;
+      mm.select_all = m.value("select_all", false);
+      for (auto& n : m["select_src_port"]) mm.select_src.push_back(ofport_of(n));
+      for (auto& n : m["select_dst_port"]) mm.select_dst.push_back(ofport_of(n));
+      if (m.contains("output_port")) mm.output_port = ofport_of(m["output_port"]);
+      if (m.contains("output_vlan")) mm.output_vlan = m["output_vlan"].get<uint16_t>();
+      live.push_back(std::move(mm));
+    }
+    br.set_mirrors(std::move(live));
+    lb.applied["mirrors"] = mirrors;
+  }
+  json nf = want.value("netflow", json());
+  if (nf != lb.applied.value("netflow", json())) {
+    if (nf.is_null()) {
+      br.set_netflow(nullptr);
+    } else {
+      auto exporter = TRY(NetFlowExporter::create(nf["target"].get<std::string>(),
+                                                  std::chrono::seconds(nf.value("active_timeout", 60)),
+                                                  std::chrono::seconds(nf.value("inactive_timeout", 15)),
+                                                  nf.value("engine_type", uint8_t(0)), nf.value("engine_id", uint8_t(0))));
+      br.set_netflow(std::move(exporter));
+    }
+    lb.applied["netflow"] = nf;
   }
   return ok();
 }
