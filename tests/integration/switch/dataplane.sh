@@ -118,6 +118,23 @@ wait $cap3 || true
 expect ok "ALL group: h2 got a copy" grep -q 9999 "$KSW_TMP/h2.cap"
 expect ok "ALL group: h3 got a copy" grep -q 9999 "$KSW_TMP/h3.cap"
 
+# PACKET_IN to a controller (ovs-ofctl monitor) and PACKET_OUT from one (ovs-ofctl packet-out).
+$OF add-flow $T "priority=500,arp,arp_tpa=10.0.0.77,actions=CONTROLLER:65535"
+OVS_RUNDIR=$KSW_TMP ip netns exec "$sw" timeout 4 ovs-ofctl -O OpenFlow13 monitor $T 65534 >"$KSW_TMP/monitor.txt" 2>&1 &
+monitor=$!
+sleep 1
+ip netns exec "$h1" ping -c 1 -W 1 10.0.0.77 >/dev/null 2>&1 || true
+wait $monitor || true
+expect ok "PACKET_IN: ovs-ofctl monitor saw h1's ARP for 10.0.0.77" \
+  grep -q "arp_spa=10.0.0.1,arp_tpa=10.0.0.77" "$KSW_TMP/monitor.txt"
+ip netns exec "$h2" timeout 5 tcpdump -c 1 -eni eth0 arp and host 10.0.0.99 >"$KSW_TMP/pktout.cap" 2>/dev/null &
+cap=$!
+sleep 1
+$OF packet-out $T CONTROLLER output:2 \
+  "ffffffffffff0200000000aa08060001080006040001 0200000000aa 0a000063 000000000000 0a000002" || true
+wait $cap || true
+expect ok "PACKET_OUT: h2 received the controller's ARP" grep -q "10.0.0.99" "$KSW_TMP/pktout.cap"
+
 # 5. Live port removal and re-adding keep the switch working.
 $KSW_CTL del-port br0 v3
 expect fail "removed port: h3 unreachable" ping_from "$h1" 10.0.0.3
