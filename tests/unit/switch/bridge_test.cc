@@ -1,6 +1,10 @@
 #include "switch/bridge.h"
 
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "base/log.h"
 #include "switch/memory_port.h"
@@ -339,6 +343,54 @@ TEST(MacTable, AgesAndLimits) {
   EXPECT_FALSE(t.lookup(2, m3));  // per VLAN
   t.expire(now + std::chrono::seconds(11) + std::chrono::milliseconds(500));
   EXPECT_EQ(t.size(), 1u);
+}
+
+}  // namespace
+}  // namespace keel::sw
+
+namespace keel::sw {
+namespace {
+
+// The agent connects out to a controller (tcp:HOST:PORT), negotiates and answers requests.
+TEST(OfAgent, ActiveControllerConnection) {
+  spdlog::set_level(spdlog::level::warn);
+  auto loop = std::move(*EventLoop::create());
+  Bridge bridge(*loop, "br0", 0x1234);
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  UniqueFd lfd(listener);
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&sin), sizeof sin), 0);
+  ASSERT_EQ(listen(listener, 1), 0);
+  socklen_t len = sizeof sin;
+  getsockname(listener, reinterpret_cast<sockaddr*>(&sin), &len);
+  OfAgent agent(bridge);
+  ASSERT_TRUE(agent.set_targets({"tcp:127.0.0.1:" + std::to_string(ntohs(sin.sin_port))}));
+  EXPECT_FALSE(agent.set_targets({"udp:1.2.3.4:5"}));  // rejected, old targets kept
+  UniqueFd ctl(accept(listener, nullptr, nullptr));
+  ASSERT_TRUE(ctl.valid());
+  timeval tv{2, 0};
+  setsockopt(ctl.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  uint8_t hello[16];
+  ASSERT_EQ(read(ctl.get(), hello, sizeof hello), 16);
+  EXPECT_EQ(hello[0], kOf13);
+  EXPECT_EQ(hello[1], OFPT_HELLO);
+  std::vector<uint8_t> msgs = {1, 0, 0, 8, 0, 0, 0, 1, 1, 5, 0, 8, 0, 0, 0, 2};  // 1.0 HELLO, FEATURES_REQUEST
+  ASSERT_TRUE(write_all(ctl.get(), msgs.data(), msgs.size()));
+  std::vector<uint8_t> got;
+  for (int i = 0; i < 50 && got.size() < 32; ++i) {
+    ASSERT_TRUE(loop->run_once(std::chrono::milliseconds(20)));
+    uint8_t buf[512];
+    ssize_t n = recv(ctl.get(), buf, sizeof buf, MSG_DONTWAIT);
+    if (n > 0) got.insert(got.end(), buf, buf + n);
+  }
+  ASSERT_GE(got.size(), 32u);
+  EXPECT_EQ(got[0], kOf10);
+  EXPECT_EQ(got[1], OFPT_FEATURES_REPLY);
+  EXPECT_EQ(got[15], 0x34);  // datapath id
+  EXPECT_EQ(agent.connection_count(), 1u);
 }
 
 }  // namespace
