@@ -4,6 +4,10 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cstring>
+#include <filesystem>
 #include <unistd.h>
 
 #include "base/log.h"
@@ -391,6 +395,91 @@ TEST(OfAgent, ActiveControllerConnection) {
   EXPECT_EQ(got[1], OFPT_FEATURES_REPLY);
   EXPECT_EQ(got[15], 0x34);  // datapath id
   EXPECT_EQ(agent.connection_count(), 1u);
+}
+
+}  // namespace
+}  // namespace keel::sw
+
+namespace keel::sw {
+namespace {
+
+// QEMU's -netdev stream framing (4-byte big-endian length, then the frame) and -netdev dgram (one frame
+// per datagram), through a bridge to and from an in-memory port.
+TEST(SocketPort, StreamAndDgramFraming) {
+  spdlog::set_level(spdlog::level::warn);
+  auto loop = std::move(*EventLoop::create());
+  Bridge bridge(*loop, "br0", 1);
+  auto mem = std::make_unique<MemoryPort>();
+  MemoryPort* memp = mem.get();
+  ASSERT_TRUE(bridge.add_port("mem", "memory", std::move(mem)));
+  char dir[] = "/tmp/ksw-sock.XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  std::string spath = std::string(dir) + "/stream.sock", dpath = std::string(dir) + "/dgram.sock";
+  auto sp = open_socket_port(spath, SocketFraming::Stream);
+  ASSERT_TRUE(sp) << sp.error().message();
+  ASSERT_TRUE(bridge.add_port("vm-stream", "stream", std::move(*sp)));
+  auto dp = open_socket_port(dpath, SocketFraming::Dgram);
+  ASSERT_TRUE(dp) << dp.error().message();
+  ASSERT_TRUE(bridge.add_port("vm-dgram", "dgram", std::move(*dp)));
+  FlowMod to_mem;  // everything from the sockets goes to the memory port, and back to the stream
+  Action out;
+  out.arg = 1;
+  to_mem.priority = 1;
+  to_mem.instructions.has_apply = true;
+  to_mem.instructions.apply = {out};
+  ASSERT_TRUE(bridge.apply_flow_mod(to_mem));
+  FlowMod from_mem = to_mem;
+  from_mem.priority = 2;
+  test::set(from_mem.match, Oxm::InPort, 1);
+  from_mem.instructions.apply[0].arg = 2;
+  ASSERT_TRUE(bridge.apply_flow_mod(from_mem));
+
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  std::strcpy(sun.sun_path, spath.c_str());
+  UniqueFd client(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(connect(client.get(), reinterpret_cast<sockaddr*>(&sun), sizeof sun), 0);
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(loop->run_once(std::chrono::milliseconds(10)));  // accept
+  const uint8_t a[6] = {2, 0, 0, 0, 0, 1}, b[6] = {2, 0, 0, 0, 0, 2};
+  auto frame = test::ipv4_frame(b, a, 1, 2, 17, 1, 2);
+  std::vector<uint8_t> wire = {0, 0, uint8_t(frame.size() >> 8), uint8_t(frame.size())};
+  wire.insert(wire.end(), frame.begin(), frame.end());
+  // Two frames in one write, the second split across two writes.
+  std::vector<uint8_t> twice = wire;
+  twice.insert(twice.end(), wire.begin(), wire.begin() + 10);
+  ASSERT_TRUE(write_all(client.get(), twice.data(), twice.size()));
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(loop->run_once(std::chrono::milliseconds(10)));
+  ASSERT_TRUE(write_all(client.get(), wire.data() + 10, wire.size() - 10));
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(loop->run_once(std::chrono::milliseconds(10)));
+  ASSERT_EQ(memp->sent().size(), 2u);
+  EXPECT_EQ(memp->sent()[0], frame);
+  EXPECT_EQ(memp->sent()[1], frame);
+  // Back from the memory port to the stream peer, framed.
+  memp->push_rx(frame);
+  bridge.poll_ports_once();
+  std::vector<uint8_t> got(wire.size());
+  timeval tv{2, 0};
+  setsockopt(client.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ASSERT_TRUE(read_full(client.get(), got.data(), got.size()));
+  EXPECT_EQ(got, wire);
+
+  // Dgram: one datagram in, one frame out.
+  UniqueFd dclient(socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  sockaddr_un dsun{};
+  dsun.sun_family = AF_UNIX;
+  std::strcpy(dsun.sun_path, dpath.c_str());
+  ASSERT_EQ(sendto(dclient.get(), frame.data(), frame.size(), 0, reinterpret_cast<sockaddr*>(&dsun), sizeof dsun),
+            ssize_t(frame.size()));
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(loop->run_once(std::chrono::milliseconds(10)));
+  ASSERT_EQ(memp->sent().size(), 3u);
+  // A stream peer announcing an absurd frame length is disconnected, not trusted.
+  uint8_t bogus[4] = {0x7f, 0xff, 0xff, 0xff};
+  ASSERT_TRUE(write_all(client.get(), bogus, 4));
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(loop->run_once(std::chrono::milliseconds(10)));
+  uint8_t c;
+  EXPECT_EQ(read(client.get(), &c, 1), 0);  // EOF
+  EXPECT_FALSE(bridge.port_by_name("vm-stream")->port->link_up());
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
