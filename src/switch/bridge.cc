@@ -13,7 +13,7 @@ namespace {
 
 constexpr uint32_t OFPPC_PORT_DOWN = 1, OFPPC_NO_RECV = 4, OFPPC_NO_FWD = 32, OFPPC_NO_PACKET_IN = 64;
 constexpr uint32_t OFPPC10_NO_FLOOD = 16;
-constexpr uint8_t OFPR_NO_MATCH = 0, OFPR_ACTION = 1;
+constexpr uint8_t OFPR_ACTION = 1;  // PACKET_IN reason (table misses drop, as OpenFlow 1.3 defaults)
 constexpr uint8_t OFPRR_IDLE_TIMEOUT = 0, OFPRR_HARD_TIMEOUT = 1, OFPRR_DELETE = 2, OFPRR_GROUP_DELETE = 3;
 constexpr uint8_t OFPPR_ADD = 0, OFPPR_DELETE = 1, OFPPR_MODIFY = 2;
 constexpr uint16_t kMultipartMore = 1;
