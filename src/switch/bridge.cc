@@ -209,6 +209,13 @@ bool Bridge::police(BridgePort& port, size_t bytes, Clock::time_point now) {
 // Datapath
 
 void Bridge::on_port_readable(BridgePort& bp) {
+  // Ports that hold more than a batch (segmented super-frames) are drained now; the rest wait for
+  // the next readiness event.
+  while (bp.port->has_pending()) {
+    batch_.reset();
+    bp.port->receive(batch_);
+    if (batch_.size()) process_batch(bp, batch_);
+  }
   batch_.reset();
   bp.port->receive(batch_);
   if (bp.port->take_poll_fd_changed()) {
@@ -221,6 +228,11 @@ void Bridge::on_port_readable(BridgePort& bp) {
     }
   }
   if (batch_.size()) process_batch(bp, batch_);
+  while (bp.port->has_pending()) {
+    batch_.reset();
+    bp.port->receive(batch_);
+    if (batch_.size()) process_batch(bp, batch_);
+  }
 }
 
 void Bridge::poll_ports_once() {

@@ -57,6 +57,9 @@ public:
   virtual void flush() {}
   virtual bool link_up() const { return true; }
   virtual MacAddress mac() const { return {}; }
+  // True when the port holds received frames beyond what the last receive() returned (it cut a
+  // large frame into several): the datapath calls receive() again without waiting for poll_fd().
+  virtual bool has_pending() const { return false; }
   // True (once) when poll_fd() changed since the last call, e.g. a socket port accepted its peer.
   virtual bool take_poll_fd_changed() { return false; }
 

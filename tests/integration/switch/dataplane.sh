@@ -49,6 +49,21 @@ fdb=$($KSW_CTL fdb/show br0)
 echo "$fdb"
 expect ok "MAC table learned h1 on port 1" grep -Eq '^ +1 +0 +02:00:00:00:00:11' <<<"$fdb"
 
+# TCP between hosts whose veths keep their default checksum and segmentation offloads: the switch
+# completes partial checksums and cuts 64 KB super-frames into segments.
+ip netns exec "$h2" iperf3 -s -1 -p 5401 >/dev/null 2>&1 &
+iperf_server=$!
+KSW_PIDS+=($iperf_server)
+for _ in $(seq 50); do ip netns exec "$h2" ss -ltn | grep -q ':5401 ' && break; sleep 0.1; done
+ip netns exec "$h1" iperf3 -c 10.0.0.2 -p 5401 -t 2 -J >"$KSW_TMP/tcp.json" 2>&1 || true
+expect ok "TCP with offloads on: iperf3 h1 -> h2 moves data" python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+bps = d["end"]["sum_received"]["bits_per_second"]
+print("  %.0f Mbit/s" % (bps / 1e6))
+assert bps > 10e6
+' "$KSW_TMP/tcp.json"
+
 # 2. Tap and internal ports: the switch's own namespace reaches h1 over both.
 ip -n "$sw" addr add 10.0.0.5/24 dev tap0
 expect ok "tap port: h1 pings the tap's address" ping_from "$h1" 10.0.0.5
