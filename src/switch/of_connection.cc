@@ -318,7 +318,10 @@ void OfAgent::accept_from(Listener& l) {
 
 void OfAgent::adopt(UniqueFd fd, std::string peer, Active* active) {
   auto conn = std::make_unique<OfConnection>(bridge_, std::move(fd), std::move(peer),
-                                             [this](OfConnection* c) { closed(c); });
+                                             [this, alive = std::weak_ptr<bool>(alive_)](OfConnection* c) {
+                                               // Runs from the loop later: the agent may be gone by then.
+                                               if (alive.lock()) closed(c);
+                                             });
   OfConnection* raw = conn.get();
   connections_.push_back(std::move(conn));
   if (active) {

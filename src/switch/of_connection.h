@@ -96,6 +96,7 @@ private:
   void clear();
 
   Bridge& bridge_;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   std::vector<std::string> targets_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::vector<std::unique_ptr<Active>> actives_;
