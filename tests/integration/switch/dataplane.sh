@@ -139,7 +139,11 @@ OVS_RUNDIR=$KSW_TMP ip netns exec "$sw" timeout 4 ovs-ofctl -O OpenFlow13 monito
 monitor=$!
 sleep 1
 ip netns exec "$h1" ping -c 1 -W 1 10.0.0.77 >/dev/null 2>&1 || true
+$KSW_CTL add-port br0 tap9 -- set interface tap9 type=tap
+$KSW_CTL del-port br0 tap9
 wait $monitor || true
+expect ok "PORT_STATUS: ovs-ofctl monitor saw tap9 added and deleted" \
+  bash -c "grep -q 'OFPT_PORT_STATUS.*ADD:.*(tap9)' $KSW_TMP/monitor.txt && grep -q 'OFPT_PORT_STATUS.*DEL:.*(tap9)' $KSW_TMP/monitor.txt"
 expect ok "PACKET_IN: ovs-ofctl monitor saw h1's ARP for 10.0.0.77" \
   grep -q "arp_spa=10.0.0.1,arp_tpa=10.0.0.77" "$KSW_TMP/monitor.txt"
 ip netns exec "$h2" timeout 5 tcpdump -c 1 -eni eth0 arp and host 10.0.0.99 >"$KSW_TMP/pktout.cap" 2>/dev/null &
