@@ -484,3 +484,64 @@ TEST(SocketPort, StreamAndDgramFraming) {
 
 }  // namespace
 }  // namespace keel::sw
+
+namespace keel::sw {
+namespace {
+
+std::vector<uint8_t> role_request(uint32_t role, uint64_t generation, uint32_t xid) {
+  std::vector<uint8_t> m;
+  begin_message(m, kOf13, OFPT13_ROLE_REQUEST, xid);
+  ByteWriter w(m);
+  w.u32(role);
+  w.u32(0);
+  w.u64(generation);
+  finish_message(m);
+  return m;
+}
+
+TEST(Roles, MasterSlaveAndGenerations) {
+  spdlog::set_level(spdlog::level::warn);
+  auto loop = std::move(*EventLoop::create());
+  Bridge bridge(*loop, "br0", 1);
+  std::vector<uint8_t> out_a, out_b;
+  OfConnection a(bridge, UniqueFd(), "a", nullptr), b(bridge, UniqueFd(), "b", nullptr);
+  a.capture = &out_a;
+  b.capture = &out_b;
+  ASSERT_TRUE(a.start());
+  ASSERT_TRUE(b.start());
+  std::vector<uint8_t> hello = {4, 0, 0, 8, 0, 0, 0, 1};
+  a.feed(hello);
+  b.feed(hello);
+  out_a.clear();
+  out_b.clear();
+  a.feed(role_request(2, 10, 7));  // a: master, generation 10
+  ASSERT_GE(out_a.size(), 24u);
+  EXPECT_EQ(out_a[1], OFPT13_ROLE_REPLY);
+  EXPECT_EQ(out_a[11], 2);
+  b.feed(role_request(2, 11, 8));  // b takes over: a becomes slave
+  EXPECT_EQ(b.role(), OfRole::Master);
+  EXPECT_EQ(a.role(), OfRole::Slave);
+  out_a.clear();
+  // A slave may not modify the flow table.
+  FlowMod fm;
+  std::vector<uint8_t> msg;
+  encode_flow_mod(kOf13, msg, fm, 9);
+  a.feed(msg);
+  ASSERT_GE(out_a.size(), 12u);
+  EXPECT_EQ(out_a[1], OFPT_ERROR);
+  EXPECT_EQ(out_a[9], OFPET_BAD_REQUEST);
+  EXPECT_EQ(out_a[11], 10);  // IS_SLAVE
+  EXPECT_EQ(bridge.flow_count(), 0u);
+  // A stale generation is refused.
+  out_a.clear();
+  a.feed(role_request(2, 5, 10));
+  ASSERT_GE(out_a.size(), 12u);
+  EXPECT_EQ(out_a[1], OFPT_ERROR);
+  EXPECT_EQ(out_a[9], OFPET_ROLE_REQUEST_FAILED);
+  // The master may.
+  b.feed(msg);
+  EXPECT_EQ(bridge.flow_count(), 1u);
+}
+
+}  // namespace
+}  // namespace keel::sw
