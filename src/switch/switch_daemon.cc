@@ -93,7 +93,7 @@ Result<void> SwitchDaemon::load() {
       !parsed["bridges"].is_object())
     return fail_invalid("{}: not a keel-switch configuration", path);
   config_ = parsed;
-  return reconcile(config_);
+  return reconcile(config_, nullptr);
 }
 
 Result<void> SwitchDaemon::save() {
@@ -123,10 +123,10 @@ Result<std::string> SwitchDaemon::execute(const std::vector<std::string>& argv) 
   }
   if (next != config_) {
     json previous = config_;
-    auto r = reconcile(next);
+    auto r = reconcile(next, &config_);
     if (!r) {
       // Put the running state back as it was so the configuration and reality agree.
-      (void)reconcile(previous);
+      (void)reconcile(previous, &previous);
       return tl::unexpected(r.error());
     }
     config_ = next;
@@ -555,7 +555,8 @@ Result<std::unique_ptr<Port>> open_port(const std::string& name, const json& p) 
 
 }  // namespace
 
-Result<void> SwitchDaemon::reconcile(const json& config) {
+Result<void> SwitchDaemon::reconcile(const json& config, const json* known) {
+  known_given_ = known != nullptr;
   const auto& want = config["bridges"];
   for (auto it = bridges_.begin(); it != bridges_.end();) {
     if (!want.contains(it->first)) {
@@ -591,12 +592,14 @@ Result<void> SwitchDaemon::reconcile(const json& config) {
       lb.applied = json{{"ports", json::object()}, {"controllers", json::array()}};
       it = bridges_.emplace(name, std::move(lb)).first;
     }
-    TRY(reconcile_bridge(it->second, b));
+    const json* known_bridge = nullptr;
+    if (known && (*known)["bridges"].contains(name)) known_bridge = &(*known)["bridges"][name];
+    TRY(reconcile_bridge(it->second, b, known ? known_bridge : nullptr));
   }
   return ok();
 }
 
-Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want) {
+Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want, const json* known) {
   Bridge& br = *lb.bridge;
   br.mac_table().set_limits(want.value("mac_table_size", size_t(8192)),
                             std::chrono::seconds(want.value("mac_aging_time", 300)));
@@ -625,8 +628,20 @@ Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want) {
       exists = false;
     }
     if (!exists) {
-      auto port = TRY_CTX(open_port(name, p), "add port " + name);
-      TRY(br.add_port(name, p.value("type", "system"), std::move(port), p.value("ofport", 0u)));
+      // At start-up (no `known`) every port is an old one.
+      bool old = !known_given_ || (known && (*known)["ports"].contains(name) && (*known)["ports"][name] == p);
+      auto port = open_port(name, p);
+      if (port) {
+        auto added = br.add_port(name, p.value("type", "system"), std::move(*port), p.value("ofport", 0u));
+        if (!added && !old) return tl::unexpected(added.error());
+        if (!added) KEEL_LOG_WARN("{}: port {}: {}", br.name(), name, added.error().message());
+      } else if (!old) {
+        return tl::unexpected(port.error().with_context("add port " + name));
+      } else {
+        KEEL_LOG_WARN("{}: port {} is configured but cannot be opened (will retry on the next change): {}",
+                      br.name(), name, port.error().message());
+        continue;
+      }
     }
     BridgePort* bp = br.port_by_name(name);
     if (!bp) continue;

@@ -38,8 +38,11 @@ private:
     std::unique_ptr<OfAgent> agent;
     nlohmann::json applied;  // the bridge's config as last applied
   };
-  Result<void> reconcile(const nlohmann::json& config);
-  Result<void> reconcile_bridge(LiveBridge& lb, const nlohmann::json& want);
+  // `known` is the configuration already accepted (null at start-up): a port it already had that
+  // cannot be opened (its interface vanished) is logged and retried later rather than failing the
+  // whole change; a port the change adds or alters must open, or the change fails.
+  Result<void> reconcile(const nlohmann::json& config, const nlohmann::json* known);
+  Result<void> reconcile_bridge(LiveBridge& lb, const nlohmann::json& want, const nlohmann::json* known);
   Result<void> save();
   Result<std::string> apply_command(nlohmann::json& config, const std::vector<std::string>& cmd);
   std::string show(const nlohmann::json& config);
@@ -49,6 +52,7 @@ private:
   std::string state_dir_;
   nlohmann::json config_;
   std::map<std::string, LiveBridge> bridges_;
+  bool known_given_ = false;
   UniqueFd control_;
   std::string control_path_;
 };
