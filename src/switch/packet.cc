@@ -1,0 +1,170 @@
+#include "switch/packet.h"
+
+#include <netinet/in.h>
+
+#include <cstring>
+
+namespace keel::sw {
+
+namespace {
+
+uint16_t rd16(const uint8_t* p) { return uint16_t(p[0] << 8 | p[1]); }
+void wr16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v >> 8); p[1] = uint8_t(v); }
+
+// RFC 1624 incremental update: checksum field at `csum` for a 16-bit word changing old -> new.
+void csum_replace16(uint8_t* csum, uint16_t old_word, uint16_t new_word) {
+  uint32_t sum = uint16_t(~rd16(csum)) + uint16_t(~old_word) + new_word;
+  sum = (sum & 0xffff) + (sum >> 16);
+  sum = (sum & 0xffff) + (sum >> 16);
+  wr16(csum, uint16_t(~sum));
+}
+void csum_replace_bytes(uint8_t* csum, const uint8_t* old_bytes, const uint8_t* new_bytes, size_t n) {
+  // n is even (2, 4 or 16) and the bytes are 16-bit aligned within their header.
+  for (size_t i = 0; i + 1 < n; i += 2) csum_replace16(csum, rd16(old_bytes + i), rd16(new_bytes + i));
+}
+
+bool is_vlan_tpid(uint16_t t) { return t == 0x8100 || t == 0x88a8; }
+
+// Offsets of L3 and L4 of the frame as it is now (it may have been re-tagged).
+FrameLayout layout_of(const Frame& f) {
+  FlowKey k;
+  FrameLayout l;
+  extract_flow(f.data, f.len, 0, k, l);
+  return l;
+}
+
+}  // namespace
+
+int frame_vlan_tci(const Frame& f) {
+  if (f.len < 18 || !is_vlan_tpid(rd16(f.data + 12))) return -1;
+  return rd16(f.data + 14);
+}
+
+void frame_push_vlan(Frame& f, uint16_t tpid, uint16_t tci) {
+  if (f.len < 14 || f.data - f.buffer < 4) return;
+  uint8_t* d = f.data - 4;
+  std::memmove(d, f.data, 12);
+  wr16(d + 12, tpid);
+  wr16(d + 14, tci);
+  f.data = d;
+  f.len += 4;
+}
+
+void frame_pop_vlan(Frame& f) {
+  if (f.len < 18 || !is_vlan_tpid(rd16(f.data + 12))) return;
+  std::memmove(f.data + 4, f.data, 12);
+  f.data += 4;
+  f.len -= 4;
+}
+
+void frame_set_field(Frame& f, uint8_t field, const uint8_t* v) {
+  if (f.len < 14) return;
+  switch (Oxm(field)) {
+    case Oxm::EthDst: std::memcpy(f.data, v, 6); return;
+    case Oxm::EthSrc: std::memcpy(f.data + 6, v, 6); return;
+    case Oxm::VlanVid: {
+      uint16_t vid = rd16(v) & 0x0fff;
+      int tci = frame_vlan_tci(f);
+      if (tci < 0) frame_push_vlan(f, 0x8100, vid);
+      else wr16(f.data + 14, uint16_t((tci & 0xf000) | vid));
+      return;
+    }
+    case Oxm::VlanPcp: {
+      int tci = frame_vlan_tci(f);
+      if (tci >= 0) wr16(f.data + 14, uint16_t((tci & 0x1fff) | (v[0] & 7) << 13));
+      return;
+    }
+    default: break;
+  }
+  FrameLayout l = layout_of(f);
+  if (!l.l3) return;
+  uint8_t* ip = f.data + l.l3;
+  uint16_t eth_type = rd16(ip - 2);
+  uint8_t* l4 = l.l4 && l.l4 < f.len ? f.data + l.l4 : nullptr;
+  size_t l4len = l4 ? f.len - l.l4 : 0;
+  uint8_t proto = eth_type == kEthTypeIpv4 ? ip[9] : eth_type == kEthTypeIpv6 ? ip[6] : 0;
+  // Where the L4 checksum lives, if the pseudo-header covers addresses.
+  uint8_t* l4csum = nullptr;
+  if (l4 && proto == IPPROTO_TCP && l4len >= 18) l4csum = l4 + 16;
+  if (l4 && proto == IPPROTO_UDP && l4len >= 8 && rd16(l4 + 6) != 0) l4csum = l4 + 6;
+  switch (Oxm(field)) {
+    case Oxm::Ipv4Src:
+    case Oxm::Ipv4Dst: {
+      if (eth_type != kEthTypeIpv4) return;
+      uint8_t* addr = ip + (Oxm(field) == Oxm::Ipv4Src ? 12 : 16);
+      csum_replace_bytes(ip + 10, addr, v, 4);
+      if (l4csum) csum_replace_bytes(l4csum, addr, v, 4);
+      std::memcpy(addr, v, 4);
+      return;
+    }
+    case Oxm::Ipv6Src:
+    case Oxm::Ipv6Dst: {
+      if (eth_type != kEthTypeIpv6) return;
+      uint8_t* addr = ip + (Oxm(field) == Oxm::Ipv6Src ? 8 : 24);
+      if (l4 && proto == IPPROTO_ICMPV6 && l4len >= 4) csum_replace_bytes(l4 + 2, addr, v, 16);
+      if (l4csum) csum_replace_bytes(l4csum, addr, v, 16);
+      std::memcpy(addr, v, 16);
+      return;
+    }
+    case Oxm::IpDscp: case Oxm::IpEcn: {
+      bool dscp = Oxm(field) == Oxm::IpDscp;
+      if (eth_type == kEthTypeIpv4) {
+        uint16_t old = rd16(ip);
+        ip[1] = dscp ? uint8_t((v[0] << 2) | (ip[1] & 3)) : uint8_t((ip[1] & 0xfc) | (v[0] & 3));
+        csum_replace16(ip + 10, old, rd16(ip));
+      } else if (eth_type == kEthTypeIpv6) {
+        uint32_t w = uint32_t(rd16(ip)) << 16 | rd16(ip + 2);
+        uint32_t tc = (w >> 20) & 0xff;
+        tc = dscp ? ((v[0] & 0x3f) << 2) | (tc & 3) : (tc & 0xfc) | (v[0] & 3);
+        w = (w & ~(0xffu << 20)) | tc << 20;
+        wr16(ip, uint16_t(w >> 16));
+        wr16(ip + 2, uint16_t(w));
+      }
+      return;
+    }
+    case Oxm::TcpSrc: case Oxm::TcpDst: case Oxm::UdpSrc: case Oxm::UdpDst: case Oxm::SctpSrc:
+    case Oxm::SctpDst: {
+      if (!l4 || l4len < 4) return;
+      bool src = Oxm(field) == Oxm::TcpSrc || Oxm(field) == Oxm::UdpSrc || Oxm(field) == Oxm::SctpSrc;
+      uint8_t* port = l4 + (src ? 0 : 2);
+      if (l4csum) csum_replace_bytes(l4csum, port, v, 2);
+      std::memcpy(port, v, 2);
+      return;
+    }
+    default:
+      return;  // the rest (ARP, ICMP type) are matched but not rewritten
+  }
+}
+
+bool frame_dec_ttl(Frame& f) {
+  FrameLayout l = layout_of(f);
+  if (!l.l3) return true;
+  uint8_t* ip = f.data + l.l3;
+  uint16_t eth_type = rd16(ip - 2);
+  if (eth_type == kEthTypeIpv4 && f.len >= l.l3 + 20u) {
+    if (ip[8] <= 1) return false;
+    uint16_t old = rd16(ip + 8);
+    ip[8]--;
+    csum_replace16(ip + 10, old, rd16(ip + 8));
+  } else if (eth_type == kEthTypeIpv6 && f.len >= l.l3 + 40u) {
+    if (ip[7] <= 1) return false;
+    ip[7]--;
+  }
+  return true;
+}
+
+void frame_set_ttl(Frame& f, uint8_t ttl) {
+  FrameLayout l = layout_of(f);
+  if (!l.l3) return;
+  uint8_t* ip = f.data + l.l3;
+  uint16_t eth_type = rd16(ip - 2);
+  if (eth_type == kEthTypeIpv4 && f.len >= l.l3 + 20u) {
+    uint16_t old = rd16(ip + 8);
+    ip[8] = ttl;
+    csum_replace16(ip + 10, old, rd16(ip + 8));
+  } else if (eth_type == kEthTypeIpv6 && f.len >= l.l3 + 40u) {
+    ip[7] = ttl;
+  }
+}
+
+}  // namespace keel::sw

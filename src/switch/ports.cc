@@ -1,0 +1,574 @@
+#include <fcntl.h>
+#include <linux/if_packet.h>
+#include <linux/if_tun.h>
+#include <net/ethernet.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "base/log.h"
+#include "switch/port.h"
+
+namespace keel::sw {
+
+PacketBatch::PacketBatch() : storage_(new uint8_t[kCapacity * Frame::kBufferSize]) {
+  for (size_t i = 0; i < kCapacity; ++i) {
+    frames_[i].buffer = storage_.get() + i * Frame::kBufferSize;
+    frames_[i].reset_to_headroom();
+  }
+}
+
+std::string format_mac(const MacAddress& m) {
+  return fmt::format("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
+}
+
+namespace {
+
+Result<UniqueFd> ioctl_socket() {
+  int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail_errno("socket");
+  return UniqueFd(fd);
+}
+
+}  // namespace
+
+Result<MacAddress> interface_mac(const std::string& ifname) {
+  UniqueFd s = TRY(ioctl_socket());
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, ifname.c_str(), IFNAMSIZ - 1);
+  if (ioctl(s.get(), SIOCGIFHWADDR, &ifr) < 0) return fail_errno("SIOCGIFHWADDR " + ifname);
+  MacAddress mac;
+  std::memcpy(mac.data(), ifr.ifr_hwaddr.sa_data, 6);
+  return mac;
+}
+
+Result<void> set_interface_up(const std::string& ifname) {
+  UniqueFd s = TRY(ioctl_socket());
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, ifname.c_str(), IFNAMSIZ - 1);
+  if (ioctl(s.get(), SIOCGIFFLAGS, &ifr) < 0) return fail_errno("SIOCGIFFLAGS " + ifname);
+  ifr.ifr_flags |= IFF_UP;
+  if (ioctl(s.get(), SIOCSIFFLAGS, &ifr) < 0) return fail_errno("SIOCSIFFLAGS " + ifname);
+  return ok();
+}
+
+Result<void> set_interface_mac(const std::string& ifname, const MacAddress& mac) {
+  UniqueFd s = TRY(ioctl_socket());
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, ifname.c_str(), IFNAMSIZ - 1);
+  ifr.ifr_hwaddr.sa_family = 1;  // ARPHRD_ETHER
+  std::memcpy(ifr.ifr_hwaddr.sa_data, mac.data(), 6);
+  if (ioctl(s.get(), SIOCSIFHWADDR, &ifr) < 0) return fail_errno("SIOCSIFHWADDR " + ifname);
+  return ok();
+}
+
+bool interface_running(const std::string& ifname) {
+  auto s = ioctl_socket();
+  if (!s) return false;
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, ifname.c_str(), IFNAMSIZ - 1);
+  if (ioctl(s->get(), SIOCGIFFLAGS, &ifr) < 0) return false;
+  return (ifr.ifr_flags & IFF_UP) && (ifr.ifr_flags & IFF_RUNNING);
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+namespace {
+
+class TapPort final : public Port {
+public:
+  TapPort(UniqueFd fd, std::string name) : fd_(std::move(fd)), name_(std::move(name)) {}
+  std::string_view type() const override { return "tap"; }
+  int poll_fd() const override { return fd_.get(); }
+  size_t receive(PacketBatch& batch) override {
+    size_t added = 0;
+    while (batch.size() < PacketBatch::kCapacity) {
+      Frame& f = batch[batch.size()];
+      f.reset_to_headroom();
+      ssize_t n = read(fd_.get(), f.data, f.capacity_after_data());
+      if (n <= 0) break;
+      f.len = uint32_t(n);
+      batch.set_size(batch.size() + 1);
+      ++added;
+    }
+    return added;
+  }
+  void send(const uint8_t* frame, size_t len) override {
+    if (write(fd_.get(), frame, len) == ssize_t(len)) {
+      counters.tx_packets++;
+      counters.tx_bytes += len;
+    } else {
+      counters.tx_dropped++;
+    }
+  }
+  bool link_up() const override { return interface_running(name_); }
+  MacAddress mac() const override {
+    auto m = interface_mac(name_);
+    return m ? *m : MacAddress{};
+  }
+
+private:
+  UniqueFd fd_;
+  std::string name_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Port>> open_tap_port(const std::string& ifname, LinkState state) {
+  if (ifname.empty() || ifname.size() >= IFNAMSIZ) return fail_invalid("bad interface name '{}'", ifname);
+  UniqueFd fd = TRY(UniqueFd::open("/dev/net/tun", O_RDWR | O_NONBLOCK));
+  ifreq ifr{};
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+  std::strncpy(ifr.ifr_name, ifname.c_str(), IFNAMSIZ - 1);
+  if (ioctl(fd.get(), TUNSETIFF, &ifr) < 0) return fail_errno("TUNSETIFF " + ifname);
+  if (state == LinkState::Up) TRY(set_interface_up(ifname));
+  return std::unique_ptr<Port>(new TapPort(std::move(fd), ifname));
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+namespace {
+
+// AF_PACKET with recvmmsg/sendmmsg batching. The kernel strips VLAN tags into metadata on receive;
+// PACKET_AUXDATA gives them back and we re-insert them so the switch sees frames as on the wire.
+// The virtio-net header PACKET_VNET_HDR prepends (linux/virtio_net.h is not valid C++; same layout,
+// native byte order).
+struct virtio_net_hdr {
+  uint8_t flags;
+  uint8_t gso_type;
+  uint16_t hdr_len;
+  uint16_t gso_size;
+  uint16_t csum_start;
+  uint16_t csum_offset;
+};
+static_assert(sizeof(virtio_net_hdr) == 10);
+constexpr uint8_t VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
+constexpr uint8_t VIRTIO_NET_HDR_GSO_NONE = 0, VIRTIO_NET_HDR_GSO_TCPV4 = 1, VIRTIO_NET_HDR_GSO_TCPV6 = 4,
+                  VIRTIO_NET_HDR_GSO_ECN = 0x80;
+
+// Ones-complement sum of a byte range (16-bit big-endian words), not folded.
+uint32_t csum_add(const uint8_t* p, size_t n, uint32_t sum = 0) {
+  for (size_t i = 0; i + 1 < n; i += 2) sum += uint32_t(p[i] << 8 | p[i + 1]);
+  if (n & 1) sum += uint32_t(p[n - 1] << 8);
+  return sum;
+}
+uint16_t csum_finish(uint32_t sum) {
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  return uint16_t(~sum);
+}
+void put16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v >> 8); p[1] = uint8_t(v); }
+uint16_t get16(const uint8_t* p) { return uint16_t(p[0] << 8 | p[1]); }
+
+// AF_PACKET with recvmmsg/sendmmsg batching.
+//
+// The kernel strips VLAN tags into metadata on receive; PACKET_AUXDATA gives them back and we
+// re-insert them so the switch sees frames as on the wire. With PACKET_VNET_HDR, frames that a sender
+// left unfinished (checksum offload: a partial checksum; segmentation offload: one 64 KB TCP
+// "super-frame") come with a virtio-net header saying so; we finish them here, at the edge, so the
+// rest of the switch and every other port only ever see ordinary frames.
+class AfPacketPort final : public Port {
+public:
+  AfPacketPort(UniqueFd fd, std::string name) : fd_(std::move(fd)), name_(std::move(name)) {
+    for (size_t i = 0; i < PacketBatch::kCapacity; ++i) {
+      rx_msgs_[i].msg_hdr.msg_iov = rx_iov_[i];
+      rx_msgs_[i].msg_hdr.msg_iovlen = 3;
+      rx_msgs_[i].msg_hdr.msg_control = rx_cmsg_[i];
+      rx_iov_[i][0] = {&rx_vnet_[i], sizeof(virtio_net_hdr)};
+      rx_iov_[i][2] = {overflow_.get() + i * kOverflow, kOverflow};
+      tx_iov_[i][0] = {&tx_vnet_, sizeof(virtio_net_hdr)};
+      tx_iov_[i][1].iov_base = tx_buf_.get() + i * kTxSlot;
+      tx_msgs_[i].msg_hdr.msg_iov = tx_iov_[i];
+      tx_msgs_[i].msg_hdr.msg_iovlen = 2;
+    }
+  }
+  std::string_view type() const override { return "afpacket"; }
+  int poll_fd() const override { return fd_.get(); }
+  bool has_pending() const override { return pending_head_ < pending_count_; }
+
+  size_t receive(PacketBatch& batch) override {
+    size_t added = drain_pending(batch);
+    size_t base = batch.size();
+    // Read more only when what is read can be held: each message may become 45 segments.
+    size_t want = std::min(PacketBatch::kCapacity - base, (kMaxPending - pending_count_) / 46);
+    if (want == 0) return added;
+    for (size_t i = 0; i < want; ++i) {
+      Frame& f = batch[base + i];
+      f.reset_to_headroom();
+      rx_iov_[i][1] = {f.data, f.capacity_after_data()};
+      rx_msgs_[i].msg_hdr.msg_controllen = sizeof rx_cmsg_[i];
+      rx_msgs_[i].msg_hdr.msg_flags = 0;
+    }
+    int n = recvmmsg(fd_.get(), rx_msgs_, unsigned(want), MSG_DONTWAIT, nullptr);
+    if (n <= 0) return added;
+    size_t kept = 0;
+    for (int i = 0; i < n; ++i) {
+      Frame& f = batch[base + size_t(i)];
+      const virtio_net_hdr& vh = rx_vnet_[i];
+      size_t total = rx_msgs_[i].msg_len >= sizeof vh ? rx_msgs_[i].msg_len - sizeof vh : 0;
+      int tci = -1;
+      uint16_t tpid = 0x8100;
+      for (cmsghdr* c = CMSG_FIRSTHDR(&rx_msgs_[i].msg_hdr); c; c = CMSG_NXTHDR(&rx_msgs_[i].msg_hdr, c)) {
+        if (c->cmsg_level != SOL_PACKET || c->cmsg_type != PACKET_AUXDATA) continue;
+        tpacket_auxdata aux;
+        std::memcpy(&aux, CMSG_DATA(c), sizeof aux);
+        if (aux.tp_status & TP_STATUS_VLAN_VALID) {
+          tci = aux.tp_vlan_tci;
+          if (aux.tp_status & TP_STATUS_VLAN_TPID_VALID) tpid = aux.tp_vlan_tpid;
+        }
+      }
+      if ((rx_msgs_[i].msg_hdr.msg_flags & MSG_TRUNC) || total < 14) {
+        counters.rx_errors++;
+        continue;
+      }
+      if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+        // A super-frame: gather it (it may spill past the frame buffer) and cut it into segments,
+        // which wait in `pending_` for this or the next batch.
+        size_t in_frame = std::min(total, f.capacity_after_data());
+        std::memcpy(gso_buf_.get(), f.data, in_frame);
+        if (total > in_frame) std::memcpy(gso_buf_.get() + in_frame, rx_iov_[i][2].iov_base, total - in_frame);
+        if (!segment(gso_buf_.get(), total, vh, tci, tpid)) counters.rx_errors++;
+        continue;
+      }
+      f.len = uint32_t(total);
+      if ((vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !finish_checksum(f.data, f.len, vh)) {
+        counters.rx_errors++;
+        continue;
+      }
+      if (tci >= 0) frame_push_vlan(f, tpid, uint16_t(tci));
+      if (kept != size_t(i)) std::swap(batch[base + kept], batch[base + size_t(i)]);
+      ++kept;
+    }
+    batch.set_size(base + kept);
+    added += kept;
+    return added + drain_pending(batch);
+  }
+
+  void send(const uint8_t* frame, size_t len) override {
+    if (len > kTxSlot) {
+      counters.tx_dropped++;
+      return;
+    }
+    if (tx_count_ == PacketBatch::kCapacity) flush();
+    std::memcpy(tx_iov_[tx_count_][1].iov_base, frame, len);
+    tx_iov_[tx_count_][1].iov_len = len;
+    ++tx_count_;
+  }
+
+  void flush() override {
+    size_t done = 0;
+    while (done < tx_count_) {
+      int n = sendmmsg(fd_.get(), tx_msgs_ + done, unsigned(tx_count_ - done), MSG_DONTWAIT);
+      if (n <= 0) {
+        // Socket buffer full or link down: count the rest as dropped rather than block the datapath.
+        counters.tx_dropped += tx_count_ - done;
+        break;
+      }
+      for (int i = 0; i < n; ++i) {
+        counters.tx_packets++;
+        counters.tx_bytes += tx_iov_[done + size_t(i)][1].iov_len;
+      }
+      done += size_t(n);
+    }
+    tx_count_ = 0;
+  }
+
+  bool link_up() const override { return interface_running(name_); }
+  MacAddress mac() const override {
+    auto m = interface_mac(name_);
+    return m ? *m : MacAddress{};
+  }
+
+private:
+  static constexpr size_t kTxSlot = 10240 - Frame::kHeadroom;
+  static constexpr size_t kOverflow = 64 * 1024;  // room for a GSO super-frame beyond the frame buffer
+  // Segments waiting for a batch: enough for a batch of super-frames (32 x 45 MSS-sized segments).
+  static constexpr size_t kMaxPending = 1536;
+
+  // Completes a partial checksum: the field holds the pseudo-header sum; sum from csum_start on.
+  static bool finish_checksum(uint8_t* d, size_t len, const virtio_net_hdr& vh) {
+    size_t start = vh.csum_start, field = size_t(vh.csum_start) + vh.csum_offset;
+    if (start >= len || field + 2 > len) return false;
+    put16(d + field, csum_finish(csum_add(d + start, len - start)));
+    return true;
+  }
+
+  // TCP segmentation of a super-frame (untagged bytes `d`), as the sender's NIC would have done.
+  bool segment(const uint8_t* d, size_t len, const virtio_net_hdr& vh, int tci, uint16_t tpid) {
+    uint8_t type = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+    if (type != VIRTIO_NET_HDR_GSO_TCPV4 && type != VIRTIO_NET_HDR_GSO_TCPV6) return false;
+    FlowKey key;
+    FrameLayout l;
+    extract_flow(d, len, 0, key, l);
+    if (!l.l3 || !l.l4 || key.ip_proto != IPPROTO_TCP || len < l.l4 + 20u) return false;
+    bool v4 = key.eth_type == be16(kEthTypeIpv4);
+    size_t thl = size_t(d[l.l4 + 12] >> 4) * 4;
+    size_t hdr = l.l4 + thl;
+    size_t mss = vh.gso_size;
+    if (thl < 20 || hdr > len || mss == 0 || hdr + mss > kTxSlot) return false;
+    size_t payload = len - hdr;
+    uint32_t seq = uint32_t(get16(d + l.l4 + 4)) << 16 | get16(d + l.l4 + 6);
+    uint16_t ip_id = v4 ? get16(d + l.l3 + 4) : 0;
+    for (size_t off = 0, k = 0; off < payload; off += mss, ++k) {
+      if (pending_count_ >= kMaxPending) {
+        counters.rx_dropped++;
+        return true;  // the sender will retransmit what did not fit
+      }
+      size_t n = std::min(mss, payload - off);
+      auto& seg = pending_[pending_count_];
+      seg.frame.resize(hdr + n);
+      uint8_t* s = seg.frame.data();
+      std::memcpy(s, d, hdr);
+      std::memcpy(s + hdr, d + hdr + off, n);
+      uint8_t* ip = s + l.l3;
+      uint8_t* tcp = s + l.l4;
+      size_t tcp_len = thl + n;
+      uint32_t pseudo;
+      if (v4) {
+        put16(ip + 2, uint16_t(hdr + n - l.l3));
+        put16(ip + 4, uint16_t(ip_id + k));
+        put16(ip + 10, 0);
+        put16(ip + 10, csum_finish(csum_add(ip, size_t(ip[0] & 0xf) * 4)));
+        pseudo = csum_add(ip + 12, 8);
+      } else {
+        put16(ip + 4, uint16_t(hdr + n - l.l3 - 40));
+        pseudo = csum_add(ip + 8, 32);
+      }
+      uint32_t sq = seq + uint32_t(off);
+      put16(tcp + 4, uint16_t(sq >> 16));
+      put16(tcp + 6, uint16_t(sq));
+      if (off + n < payload) tcp[13] &= uint8_t(~(0x01 | 0x08));  // FIN, PSH only on the last segment
+      if (k > 0) tcp[13] &= uint8_t(~0x80);                     // CWR only on the first
+      put16(tcp + 16, 0);
+      pseudo += IPPROTO_TCP + uint32_t(tcp_len);
+      put16(tcp + 16, csum_finish(csum_add(tcp, tcp_len, pseudo)));
+      seg.tci = tci;
+      seg.tpid = tpid;
+      ++pending_count_;
+    }
+    return true;
+  }
+
+  size_t drain_pending(PacketBatch& batch) {
+    size_t added = 0;
+    while (pending_head_ < pending_count_ && batch.size() < PacketBatch::kCapacity) {
+      auto& seg = pending_[pending_head_++];
+      Frame& f = batch[batch.size()];
+      f.reset_to_headroom();
+      std::memcpy(f.data, seg.frame.data(), seg.frame.size());
+      f.len = uint32_t(seg.frame.size());
+      if (seg.tci >= 0) frame_push_vlan(f, seg.tpid, uint16_t(seg.tci));
+      batch.set_size(batch.size() + 1);
+      ++added;
+    }
+    if (pending_head_ == pending_count_) pending_head_ = pending_count_ = 0;
+    return added;
+  }
+
+  struct Segment {
+    std::vector<uint8_t> frame;  // capacity kept across uses
+    int tci = -1;
+    uint16_t tpid = 0x8100;
+  };
+
+  UniqueFd fd_;
+  std::string name_;
+  mmsghdr rx_msgs_[PacketBatch::kCapacity]{};
+  iovec rx_iov_[PacketBatch::kCapacity][3]{};
+  virtio_net_hdr rx_vnet_[PacketBatch::kCapacity]{};
+  alignas(cmsghdr) uint8_t rx_cmsg_[PacketBatch::kCapacity][CMSG_SPACE(sizeof(tpacket_auxdata))]{};
+  std::unique_ptr<uint8_t[]> overflow_{new uint8_t[PacketBatch::kCapacity * kOverflow]};
+  std::unique_ptr<uint8_t[]> gso_buf_{new uint8_t[kOverflow + 10240]};
+  std::vector<Segment> pending_ = std::vector<Segment>(kMaxPending);
+  size_t pending_head_ = 0, pending_count_ = 0;
+  std::unique_ptr<uint8_t[]> tx_buf_{new uint8_t[PacketBatch::kCapacity * kTxSlot]};
+  virtio_net_hdr tx_vnet_{};  // always empty: we only send finished frames
+  mmsghdr tx_msgs_[PacketBatch::kCapacity]{};
+  iovec tx_iov_[PacketBatch::kCapacity][2]{};
+  size_t tx_count_ = 0;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Port>> open_afpacket_port(const std::string& ifname) {
+  unsigned index = if_nametoindex(ifname.c_str());
+  if (index == 0) return fail_errno("interface " + ifname);
+  int raw = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, htons(ETH_P_ALL));
+  if (raw < 0) return fail_errno("socket(AF_PACKET)");
+  UniqueFd fd(raw);
+  int one = 1;
+  if (setsockopt(fd.get(), SOL_PACKET, PACKET_AUXDATA, &one, sizeof one) < 0)
+    return fail_errno("PACKET_AUXDATA");
+  if (setsockopt(fd.get(), SOL_PACKET, PACKET_VNET_HDR, &one, sizeof one) < 0)
+    return fail_errno("PACKET_VNET_HDR");
+  // Our own transmissions must not come back to us as receptions.
+  if (setsockopt(fd.get(), SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof one) < 0)
+    return fail_errno("PACKET_IGNORE_OUTGOING");
+  int bufsize = 4 << 20;
+  setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &bufsize, sizeof bufsize);
+  setsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof bufsize);
+  sockaddr_ll sll{};
+  sll.sll_family = AF_PACKET;
+  sll.sll_protocol = htons(ETH_P_ALL);
+  sll.sll_ifindex = int(index);
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&sll), sizeof sll) < 0) return fail_errno("bind " + ifname);
+  packet_mreq mr{};
+  mr.mr_ifindex = int(index);
+  mr.mr_type = PACKET_MR_PROMISC;
+  if (setsockopt(fd.get(), SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof mr) < 0)
+    return fail_errno("promiscuous mode on " + ifname);
+  // Transmissions skip the qdisc layer (veths and most uplinks have none worth going through).
+  setsockopt(fd.get(), SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
+  TRY(set_interface_up(ifname));
+  return std::unique_ptr<Port>(new AfPacketPort(std::move(fd), ifname));
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+namespace {
+
+// QEMU's -netdev stream / dgram peer. We listen; QEMU connects (stream) or sends to us (dgram, and we
+// reply to the last sender's address).
+class SocketPort final : public Port {
+public:
+  SocketPort(UniqueFd listen_or_dgram, SocketFraming framing, std::string path)
+      : sock_(std::move(listen_or_dgram)), framing_(framing), path_(std::move(path)) {}
+  ~SocketPort() override { unlink(path_.c_str()); }
+  std::string_view type() const override { return framing_ == SocketFraming::Stream ? "stream" : "dgram"; }
+  int poll_fd() const override { return peer_.valid() ? peer_.get() : sock_.get(); }
+
+  size_t receive(PacketBatch& batch) override {
+    if (framing_ == SocketFraming::Dgram) return receive_dgram(batch);
+    if (!peer_.valid()) {
+      int fd = accept4(sock_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd >= 0) {
+        peer_.reset(fd);
+        fd_changed = true;
+      }
+      return 0;
+    }
+    // Fill the reassembly buffer, then cut frames out of it.
+    ssize_t n = read(peer_.get(), rx_.data() + rx_len_, rx_.size() - rx_len_);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+      peer_.reset();
+      rx_len_ = 0;
+      fd_changed = true;
+      return 0;
+    }
+    if (n > 0) rx_len_ += size_t(n);
+    size_t added = 0, off = 0;
+    while (batch.size() < PacketBatch::kCapacity && rx_len_ - off >= 4) {
+      uint32_t flen = uint32_t(rx_[off]) << 24 | uint32_t(rx_[off + 1]) << 16 | uint32_t(rx_[off + 2]) << 8 |
+                      rx_[off + 3];
+      if (flen > Frame::kBufferSize - Frame::kHeadroom) {
+        // A peer that sends a frame we cannot hold is broken: drop the connection.
+        counters.rx_errors++;
+        peer_.reset();
+        rx_len_ = 0;
+        fd_changed = true;
+        return added;
+      }
+      if (rx_len_ - off - 4 < flen) break;
+      Frame& f = batch[batch.size()];
+      f.reset_to_headroom();
+      std::memcpy(f.data, rx_.data() + off + 4, flen);
+      f.len = flen;
+      batch.set_size(batch.size() + 1);
+      ++added;
+      off += 4 + flen;
+    }
+    std::memmove(rx_.data(), rx_.data() + off, rx_len_ - off);
+    rx_len_ -= off;
+    return added;
+  }
+
+  void send(const uint8_t* frame, size_t len) override {
+    if (framing_ == SocketFraming::Dgram) {
+      if (peer_addr_len_ == 0 ||
+          sendto(sock_.get(), frame, len, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&peer_addr_),
+                 peer_addr_len_) != ssize_t(len)) {
+        counters.tx_dropped++;
+        return;
+      }
+    } else {
+      if (!peer_.valid()) {
+        counters.tx_dropped++;
+        return;
+      }
+      uint8_t hdr[4] = {uint8_t(len >> 24), uint8_t(len >> 16), uint8_t(len >> 8), uint8_t(len)};
+      iovec iov[2] = {{hdr, 4}, {const_cast<uint8_t*>(frame), len}};
+      // A partial write would desynchronise the framing; the socket is large enough that this only
+      // happens when the peer stops reading, and then we drop the whole frame before writing any of it.
+      ssize_t n = writev(peer_.get(), iov, 2);
+      if (n != ssize_t(len + 4)) {
+        if (n > 0) {
+          // Finish the frame blocking-free is impossible; close the peer to resynchronise.
+          peer_.reset();
+          fd_changed = true;
+        }
+        counters.tx_dropped++;
+        return;
+      }
+    }
+    counters.tx_packets++;
+    counters.tx_bytes += len;
+  }
+  bool link_up() const override { return framing_ == SocketFraming::Dgram || peer_.valid(); }
+  bool take_poll_fd_changed() override { return std::exchange(fd_changed, false); }
+
+  bool fd_changed = false;
+
+private:
+  size_t receive_dgram(PacketBatch& batch) {
+    size_t added = 0;
+    while (batch.size() < PacketBatch::kCapacity) {
+      Frame& f = batch[batch.size()];
+      f.reset_to_headroom();
+      sockaddr_un from{};
+      socklen_t fromlen = sizeof from;
+      ssize_t n = recvfrom(sock_.get(), f.data, f.capacity_after_data(), MSG_DONTWAIT,
+                           reinterpret_cast<sockaddr*>(&from), &fromlen);
+      if (n <= 0) break;
+      peer_addr_ = from;
+      peer_addr_len_ = fromlen;
+      f.len = uint32_t(n);
+      batch.set_size(batch.size() + 1);
+      ++added;
+    }
+    return added;
+  }
+
+  UniqueFd sock_;
+  UniqueFd peer_;
+  SocketFraming framing_;
+  std::string path_;
+  std::vector<uint8_t> rx_ = std::vector<uint8_t>(256 * 1024);
+  size_t rx_len_ = 0;
+  sockaddr_un peer_addr_{};
+  socklen_t peer_addr_len_ = 0;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Port>> open_socket_port(const std::string& path, SocketFraming framing) {
+  sockaddr_un addr{};
+  if (path.empty() || path.size() >= sizeof addr.sun_path) return fail_invalid("bad socket path '{}'", path);
+  int type = framing == SocketFraming::Stream ? SOCK_STREAM : SOCK_DGRAM;
+  int raw = socket(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (raw < 0) return fail_errno("socket(AF_UNIX)");
+  UniqueFd fd(raw);
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  unlink(path.c_str());
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) return fail_errno("bind " + path);
+  if (framing == SocketFraming::Stream && listen(fd.get(), 1) < 0) return fail_errno("listen " + path);
+  return std::unique_ptr<Port>(new SocketPort(std::move(fd), framing, path));
+}
+
+}  // namespace keel::sw
