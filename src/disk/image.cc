@@ -6,6 +6,8 @@
 #include <cstring>
 
 #include "base/unique_fd.h"
+#include "disk/image_internal.h"
+#include "disk/qcow2_image.h"
 #include "disk/raw_image.h"
 
 namespace keel::disk {
@@ -42,13 +44,21 @@ Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, OpenMod
 
 Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, OpenMode mode,
                                                 std::optional<ImageFormat> format) {
+  return open_image_internal(path, mode, format, 0);
+}
+
+Result<std::unique_ptr<BlockDevice>> open_image_internal(const std::string& path, OpenMode mode,
+                                                         std::optional<ImageFormat> format, int depth) {
   ImageFormat fmt = format ? *format : TRY(probe_format(path));
   switch (fmt) {
     case ImageFormat::Raw: {
       auto raw = TRY(RawImage::open(path, mode));
       return std::unique_ptr<BlockDevice>(std::move(raw));
     }
-    case ImageFormat::Qcow2:
+    case ImageFormat::Qcow2: {
+      auto image = TRY(Qcow2Image::open(path, mode, {}, depth));
+      return std::unique_ptr<BlockDevice>(std::move(image));
+    }
     case ImageFormat::Vmdk:
       break;
   }
