@@ -332,7 +332,7 @@ void print_info_human(BlockDevice& dev, const std::string& path) {
 }
 
 enum { OPT_OUTPUT = 1000, OPT_BACKING_CHAIN, OPT_SHRINK, OPT_SIZE, OPT_SOCKET, OPT_PORT, OPT_READ_ONLY,
-       OPT_SHARED, OPT_PATTERN, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS };
+       OPT_SHARED, OPT_PATTERN, OPT_FLUSH_INTERVAL, OPT_MIXED, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS };
 
 int cmd_info(int argc, char** argv) {
   static option longopts[] = {{"output", required_argument, nullptr, OPT_OUTPUT},
@@ -940,7 +940,7 @@ int cmd_commit(int argc, char** argv) {
     pos += n;
   }
   must(base->flush());
-  if (!keep) must(top->discard(0, top->size()));
+  if (!keep) must(top->make_empty());
   must(top->close());
   std::printf("Image committed.\n");
   return 0;
@@ -1075,8 +1075,9 @@ int cmd_measure(int argc, char** argv) {
         if (n == 0) break;
       }
     }
-    required = meta(src ? allocated : 0);
+    // As qemu-img: the metadata of a fully allocated image, plus the data actually there.
     full = meta((virtual_size + cs - 1) / cs * cs);
+    required = full - (virtual_size + cs - 1) / cs * cs + (src ? allocated : 0);
   } else {
     die("measure supports the raw and qcow2 output formats");
   }
@@ -1098,10 +1099,12 @@ int cmd_measure(int argc, char** argv) {
 // flight), issued from `depth` threads over one shared BlockDevice.
 int cmd_bench(int argc, char** argv) {
   static option longopts[] = {{"pattern", required_argument, nullptr, OPT_PATTERN},
+                              {"flush-interval", required_argument, nullptr, OPT_FLUSH_INTERVAL},
+                              {"mixed", no_argument, nullptr, OPT_MIXED},
                               {nullptr, 0, nullptr, 0}};
   std::string fmt;
-  uint64_t count = 75000, depth = 64, size = 4096, step = 0, offset = 0;
-  bool write = false, random = false, flush_at_end = true;
+  uint64_t count = 75000, depth = 64, size = 4096, step = 0, offset = 0, flush_interval = 0;
+  bool write = false, random = false, flush_at_end = true, mixed = false;
   int c;
   while ((c = getopt_long(argc, argv, "c:d:s:S:o:wf:t:i:nqU", longopts, nullptr)) != -1) {
     switch (c) {
@@ -1113,6 +1116,8 @@ int cmd_bench(int argc, char** argv) {
       case 'w': write = true; break;
       case 'f': fmt = optarg; break;
       case OPT_PATTERN: random = std::string(optarg) == "random"; break;
+      case OPT_FLUSH_INTERVAL: flush_interval = std::strtoull(optarg, nullptr, 10); break;
+      case OPT_MIXED: mixed = true; write = true; random = true; break;
       case 't': case 'i': case 'n': case 'q': case 'U': break;
       default: usage();
     }
@@ -1139,7 +1144,29 @@ int cmd_bench(int argc, char** argv) {
         if (i >= count || failed) return;
         uint64_t off = random ? offset + (rng() % slots) * size : offset + (i * step) % (slots * size);
         if (off + size > dev->size()) off = offset;
-        auto r = write ? dev->write(off, buf) : dev->read(off, buf);
+        Result<void> r;
+        if (mixed) {
+          // Stress mix for crash tests: unaligned writes, zeroes, discards, compressed clusters.
+          uint64_t kind = rng() % 10;
+          uint64_t len = 1 + rng() % (size * 4);
+          off = rng() % dev->size();
+          len = std::min(len, dev->size() - off);
+          if (buf.size() < len) buf.resize(len, static_cast<uint8_t>(i));
+          auto* q = dynamic_cast<Qcow2Image*>(dev.get());
+          if (kind < 6) r = dev->write(off, std::span<const uint8_t>(buf.data(), len));
+          else if (kind < 7) r = dev->write_zeroes(off, len);
+          else if (kind < 8) r = dev->discard(off, len);
+          else if (q) {
+            uint64_t cs = q->cluster_size();
+            uint64_t coff = off / cs * cs;
+            uint64_t clen = std::min<uint64_t>(cs, dev->size() - coff);
+            if (buf.size() < cs) buf.resize(cs, 1);
+            r = q->write_compressed(coff, std::span<const uint8_t>(buf.data(), clen));
+          } else r = dev->write(off, std::span<const uint8_t>(buf.data(), len));
+        } else {
+          r = write ? dev->write(off, buf) : dev->read(off, buf);
+        }
+        if (r && flush_interval && write && i % flush_interval == flush_interval - 1) r = dev->flush();
         if (!r) {
           std::fprintf(stderr, "keel-img: %s\n", r.error().message().c_str());
           failed = true;

@@ -1194,7 +1194,8 @@ Result<void> Qcow2Image::write_locked(uint64_t offset, std::span<const uint8_t> 
 Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8_t> data) {
   if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
   TRY(check_range(offset, data.size(), "write"));
-  if (offset % cluster_size_ || (data.size() != cluster_size_ && offset + data.size() != size_))
+  if (offset % cluster_size_ || data.size() > cluster_size_ ||
+      (data.size() != cluster_size_ && offset + cluster_size_ < size_))
     return fail_invalid("{}: compressed writes must cover one whole cluster", path_);
   const uint8_t* src = data.data();
   std::vector<uint8_t> padded;
@@ -1282,13 +1283,13 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8
   return ok();
 }
 
-Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool discard) {
+Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool unallocate) {
   // offset and length are cluster aligned (length may end at the disk's end).
   uint64_t pos = offset, end = offset + length;
   while (pos < end) {
     uint64_t l1_index = pos >> (cluster_bits_ + l2_bits_);
     uint64_t l2_index = (pos >> cluster_bits_) & ((1ULL << l2_bits_) - 1);
-    bool can_unmap = !backing_;
+    bool can_unmap = !backing_ || unallocate;
     uint8_t* table = TRY(get_l2(l1_index, false));
     uint64_t e = table ? l2_entry(table, l2_index) : 0;
     uint64_t want = can_unmap ? 0 : kOflagZero;
@@ -1307,7 +1308,6 @@ Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool 
       set_l2_entry(table, l2_index, want);
       l2_cache_.slots[l2_cache_.index[l1_[l1_index] & kL1OffsetMask]].dirty = true;
     }
-    (void)discard;
     pos += cluster_size_;
   }
   return ok();
@@ -1348,7 +1348,22 @@ Result<void> Qcow2Image::discard(uint64_t offset, uint64_t length) {
   if (a >= b) return ok();  // a hint: partial clusters are left alone
   if (version_ < 3 && backing_) return ok();
   std::lock_guard lock(mutex_);
-  return set_zero_locked(a, b - a, true);
+  return set_zero_locked(a, b - a, false);
+}
+
+Result<void> Qcow2Image::make_empty() {
+  if (read_only_) return fail(EROFS, path_ + ": image is open read-only");
+  std::lock_guard lock(mutex_);
+  uint64_t coverage = uint64_t{1} << (cluster_bits_ + l2_bits_);
+  for (uint64_t i = 0; i < l1_.size(); ++i) {
+    if (!(l1_[i] & kL1OffsetMask)) continue;
+    uint64_t start = i * coverage;
+    if (start >= size_) break;
+    TRY(set_zero_locked(start, std::min(coverage, size_ - start), true));
+  }
+  TRY(flush_metadata());
+  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  return ok();
 }
 
 Result<void> Qcow2Image::flush() {

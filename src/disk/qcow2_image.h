@@ -105,6 +105,8 @@ public:
   Result<void> close();
 
   Result<CheckResult> check(RepairMode repair);
+  // Drops every cluster of the active layer, so the backing file shows through (commit).
+  Result<void> make_empty();
   Result<void> resize(uint64_t new_size);
 
   // Internal snapshots.
@@ -193,7 +195,7 @@ private:
   // Reads what a cluster of this image reads as now (for copy-on-write), under the lock.
   Result<void> read_cluster_locked(uint64_t cluster_voffset, uint8_t* out);
   Result<void> write_locked(uint64_t offset, std::span<const uint8_t> data);
-  Result<void> set_zero_locked(uint64_t offset, uint64_t length, bool discard);
+  Result<void> set_zero_locked(uint64_t offset, uint64_t length, bool unallocate);
   Result<void> check_range(uint64_t offset, uint64_t length, const char* op) const;
   Result<void> check_host_offset(uint64_t host, uint64_t voffset) const;
   Result<void> pread_meta(void* buf, size_t len, uint64_t offset, const char* what);
