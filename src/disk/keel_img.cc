@@ -504,16 +504,9 @@ bool is_zero(const uint8_t* p, size_t n) {
   return std::memcmp(p, p + 1, n - 1) == 0;
 }
 
-// A bounded queue of compression jobs for convert -c: workers compress and write (placement is
-// serialized inside Qcow2Image), the reader keeps them fed.
-struct CompressJob {
-  uint64_t offset;
-  std::vector<uint8_t> data;
-};
-
 int cmd_convert(int argc, char** argv) {
   std::string src_fmt, dst_fmt = "raw", options, target_backing, target_backing_fmt;
-  bool compress = false, progress = false;
+  bool compress = false, progress = false, safe_cache = false;
   uint64_t sparse_size = 4096;
   int c;
   while ((c = getopt(argc, argv, "f:O:o:cB:F:pS:WqnUm:t:T:")) != -1) {
@@ -526,7 +519,8 @@ int cmd_convert(int argc, char** argv) {
       case 'F': target_backing_fmt = optarg; break;
       case 'p': progress = true; break;
       case 'S': sparse_size = must(parse_size(optarg)); break;
-      case 'W': case 'q': case 'n': case 'U': case 'm': case 't': case 'T': break;
+      case 't': safe_cache = std::string(optarg) != "unsafe"; break;
+      case 'W': case 'q': case 'n': case 'U': case 'm': case 'T': break;
       default: usage();
     }
   }
@@ -550,86 +544,62 @@ int cmd_convert(int argc, char** argv) {
   create_image(dst_path, df, size, opts, target_backing, target_backing_fmt);
   auto dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt);
   auto* qdst = dynamic_cast<Qcow2Image*>(dst.get());
+  if (qdst && !safe_cache) qdst->set_unsafe_cache(true);
   auto* qbacking = qdst ? qdst->backing() : nullptr;
   uint64_t cluster = qdst ? qdst->cluster_size() : std::max<uint64_t>(sparse_size, 4096);
   if (compress && !qdst) die("compression needs the qcow2 output format");
   // Dirty-zero detection works on sparse_size granules within each chunk (qemu's -S).
   uint64_t granule = qdst ? cluster : std::max<uint64_t>(sparse_size, 512);
   const uint64_t chunk_size = std::max<uint64_t>(cluster, 2 << 20);
-  std::vector<uint8_t> buf(chunk_size), bbuf(qbacking ? chunk_size : 0);
   Progress bar("convert", size, progress ? ProgressStyle::Auto : ProgressStyle::Quiet);
 
-  // Compression workers.
+  // Workers take 2 MiB chunks in turn and carry each from the source to the target: reads,
+  // decompression and compression run on every core, while the formats' own locks keep metadata
+  // consistent.
+  std::atomic<uint64_t> next_chunk{0};
+  std::atomic<bool> failed{false};
   std::mutex mu;
-  std::condition_variable cv_work, cv_space;
-  std::deque<CompressJob> jobs;
-  std::vector<std::vector<uint8_t>> free_buffers;
-  bool done = false;
-  std::optional<Error> worker_error;
-  std::vector<std::thread> workers;
-  if (compress) {
-    unsigned n = std::max(1u, std::min(4u, std::thread::hardware_concurrency()));
-    for (unsigned i = 0; i < n; ++i) {
-      workers.emplace_back([&] {
-        while (true) {
-          CompressJob job;
-          {
-            std::unique_lock lk(mu);
-            cv_work.wait(lk, [&] { return done || !jobs.empty(); });
-            if (jobs.empty()) return;
-            job = std::move(jobs.front());
-            jobs.pop_front();
-            cv_space.notify_one();
-          }
-          auto r = qdst->write_compressed(job.offset, job.data);
-          std::lock_guard lk(mu);
-          if (!r && !worker_error) worker_error = r.error();
-          free_buffers.push_back(std::move(job.data));
-        }
-      });
-    }
-  }
-  auto fail_all = [&](const Error& e) {
-    {
-      std::lock_guard lk(mu);
-      done = true;
-    }
-    cv_work.notify_all();
-    for (auto& t : workers) t.join();
-    die(e.message());
-  };
-
-  uint64_t pos = 0;
-  while (pos < size) {
-    uint64_t n = std::min<uint64_t>(chunk_size, size - pos);
-    auto extents = src->block_status(pos, n);
-    if (!extents) fail_all(extents.error());
-    // Ranges to read: data extents widened to whole granules, merged.
+  std::optional<Error> first_error;
+  uint64_t progress_done = 0;
+  auto worker = [&] {
+    std::vector<uint8_t> buf(chunk_size), bbuf(qbacking ? chunk_size : 0);
     std::vector<std::pair<uint64_t, uint64_t>> ranges;
-    for (auto& e : *extents) {
-      if (!e.data || e.zero) {
-        // Reads as zeros: nothing to write to a fresh image, unless a backing file shows through.
-        if (qbacking) {
-          auto z = dst->write_zeroes(e.offset, e.length);
-          if (!z) fail_all(z.error());
+    auto record = [&](const Error& e) {
+      std::lock_guard lk(mu);
+      if (!first_error) first_error = e;
+      failed = true;
+    };
+    while (!failed) {
+      uint64_t pos = next_chunk.fetch_add(1) * chunk_size;
+      if (pos >= size) return;
+      uint64_t n = std::min<uint64_t>(chunk_size, size - pos);
+      auto extents = src->block_status(pos, n);
+      if (!extents) return record(extents.error());
+      // Ranges to read: data extents widened to whole granules, merged.
+      ranges.clear();
+      for (auto& e : *extents) {
+        if (!e.data || e.zero) {
+          // Reads as zeros: nothing to write to a fresh image, unless a backing file shows through.
+          if (qbacking) {
+            auto z = dst->write_zeroes(e.offset, e.length);
+            if (!z) return record(z.error());
+          }
+          continue;
         }
-        continue;
+        uint64_t a = e.offset / granule * granule;
+        uint64_t b = std::min((e.offset + e.length + granule - 1) / granule * granule, pos + n);
+        if (!ranges.empty() && ranges.back().second >= a) ranges.back().second = std::max(ranges.back().second, b);
+        else ranges.push_back({a, b});
       }
-      uint64_t a = e.offset / granule * granule;
-      uint64_t b = std::min((e.offset + e.length + granule - 1) / granule * granule, pos + n);
-      if (!ranges.empty() && ranges.back().second >= a) ranges.back().second = std::max(ranges.back().second, b);
-      else ranges.push_back({a, b});
-    }
-    for (auto [start, stop] : ranges) {
-      {
+      for (auto [start, stop] : ranges) {
         uint64_t len = stop - start;
         auto r = src->read(start, std::span<uint8_t>(buf.data(), len));
-        if (!r) fail_all(r.error());
+        if (!r) return record(r.error());
         if (qbacking) {
           uint64_t have = qbacking->size() > start ? std::min(len, qbacking->size() - start) : 0;
           if (have) {
             auto br = qbacking->read(start, std::span<uint8_t>(bbuf.data(), have));
-            if (!br) fail_all(br.error());
+            if (!br) return record(br.error());
           }
           std::memset(bbuf.data() + have, 0, len - have);
         }
@@ -650,43 +620,32 @@ int cmd_convert(int argc, char** argv) {
           if (compress) {
             for (uint64_t k = 0; k < run; k += cluster) {
               uint64_t cl = std::min<uint64_t>(cluster, run - k);
-              std::unique_lock lk(mu);
-              cv_space.wait(lk, [&] { return jobs.size() < 64 || worker_error; });
-              if (worker_error) {
-                Error e = *worker_error;
-                lk.unlock();
-                fail_all(e);
-              }
-              CompressJob job;
-              job.offset = start + g + k;
-              if (!free_buffers.empty()) {
-                job.data = std::move(free_buffers.back());
-                free_buffers.pop_back();
-              }
-              job.data.assign(buf.data() + g + k, buf.data() + g + k + cl);
-              jobs.push_back(std::move(job));
-              cv_work.notify_one();
+              auto w = qdst->write_compressed(start + g + k, std::span<const uint8_t>(buf.data() + g + k, cl));
+              if (!w) return record(w.error());
             }
           } else {
             auto w = dst->write(start + g, std::span<const uint8_t>(buf.data() + g, run));
-            if (!w) fail_all(w.error());
+            if (!w) return record(w.error());
           }
           g += run;
         }
       }
+      if (progress) {
+        std::lock_guard lk(mu);
+        progress_done += n;
+        bar.update(progress_done);
+      }
     }
-    pos += n;
-    bar.update(pos);
-  }
-  {
-    std::lock_guard lk(mu);
-    done = true;
-  }
-  cv_work.notify_all();
-  for (auto& t : workers) t.join();
-  if (worker_error) die(worker_error->message());
+  };
+  // More threads than cores: compression and decompression are CPU-bound, and I/O waits overlap.
+  unsigned nthreads = std::clamp(std::thread::hardware_concurrency() * (compress ? 4 : 2), 4u, 16u);
+  std::vector<std::thread> threads;
+  for (unsigned i = 1; i < nthreads; ++i) threads.emplace_back(worker);
+  worker();
+  for (auto& t : threads) t.join();
+  if (first_error) die(first_error->message());
   if (qdst) must(qdst->close());
-  else must(dst->flush());
+  else if (safe_cache) must(dst->flush());
   bar.finish();
   return 0;
 }
