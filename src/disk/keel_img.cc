@@ -59,7 +59,7 @@ void usage() {
       "  rebase [-f fmt] [-u] -b BACKING [-F fmt] FILE\n"
       "  measure [-O fmt] [-o options] (--size SIZE | [-f fmt] FILE)\n"
       "  bench [-c count] [-d depth] [-s size] [-w] [-f fmt] [--pattern=random|sequential] FILE\n"
-      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] FILE\n",
+      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] [-t] [-x NAME] FILE\n",
       stderr);
   std::exit(1);
 }
@@ -1145,14 +1145,18 @@ int cmd_serve(int argc, char** argv) {
                               {"port", required_argument, nullptr, OPT_PORT},
                               {"read-only", no_argument, nullptr, OPT_READ_ONLY},
                               {"shared", required_argument, nullptr, OPT_SHARED},
+                              {"persistent", no_argument, nullptr, 't'},
+                              {"export-name", required_argument, nullptr, 'x'},
                               {nullptr, 0, nullptr, 0}};
   NbdServerOptions so;
   std::string fmt;
   bool read_only = false;
   int c;
-  while ((c = getopt_long(argc, argv, "f:", longopts, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, "f:tx:", longopts, nullptr)) != -1) {
     switch (c) {
       case 'f': fmt = optarg; break;
+      case 't': so.persistent = true; break;
+      case 'x': so.export_name = optarg; break;
       case OPT_SOCKET: so.socket_path = optarg; break;
       case OPT_PORT: so.port = std::atoi(optarg); break;
       case OPT_READ_ONLY: read_only = true; break;
