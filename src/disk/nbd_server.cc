@@ -370,7 +370,6 @@ private:
         if (!ex) return send_error(req.handle, ex.error().code());
         std::vector<uint8_t> p(4);
         store_be32(p.data(), kMetaBaseAllocation);
-        uint64_t covered = 0;
         for (auto& e : *ex) {
           uint32_t flags = (e.data ? 0 : kStateHole) | (e.zero ? kStateZero : 0);
           uint64_t len = e.length;
@@ -387,7 +386,6 @@ private:
               store_be32(p.data() + at + 4, flags);
             }
             len -= piece;
-            covered += piece;
           }
           if (req.flags & kCmdFlagReqOne) break;
         }

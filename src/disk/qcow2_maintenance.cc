@@ -17,7 +17,6 @@ namespace {
 
 constexpr uint64_t kOflagCopied = 1ULL << 63;
 constexpr uint64_t kOflagCompressed = 1ULL << 62;
-constexpr uint64_t kOflagZero = 1ULL;
 constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kRtOffsetMask = 0xfffffffffffffe00ULL;
