@@ -352,7 +352,7 @@ Result<CheckResult> Qcow2Image::check(RepairMode repair) {
       }
     }
     TRY(flush_refcounts());
-    if (repair == RepairMode::All && (incompat_ & 1) && res.corruptions_fixed == res.corruptions) {
+    if (repair == RepairMode::All && (incompat_ & 1) && res.corruptions_fixed == under.size()) {
       incompat_ &= ~1ULL;
       uint8_t b[8];
       store_be64(b, incompat_);

@@ -193,6 +193,18 @@ def main():
         p = run(KEEL, "check", src, check=False)
         expect(p.returncode == 63, "check of raw: 63")
 
+        # A lazy-refcounts image left dirty by a killed qemu-io: refused for writing, repaired by -r all.
+        lz = os.path.join(tmp, "lazy.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", lz, "16M")
+        subprocess.run(["qemu-io", "-c", "write -P 1 0 1M", "-c", "sigraise 9", lz], capture_output=True)
+        p = run(KEEL, "resize", lz, "32M", check=False)
+        expect(p.returncode != 0 and "dirty" in p.stderr, f"dirty image refused for writing: {p.stderr}")
+        p = run(KEEL, "check", "-r", "all", lz, check=False)
+        expect(p.returncode == 0, f"check -r all repairs the dirty image: {p.stdout}")
+        qcheck(lz, "after -r all on a dirty image")
+        info = json.loads(run("qemu-img", "info", "--output=json", lz).stdout)
+        expect(info["dirty-flag"] is False, "the dirty bit is cleared")
+
         # Errors name the file and what is wrong.
         with open(os.path.join(tmp, "bad.qcow2"), "wb") as f:
             f.write(b"QFI\xfb" + b"\0\0\0\x03" + b"\0" * 100)
