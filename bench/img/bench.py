@@ -10,6 +10,7 @@ usage: bench.py [--keel PATH] [--size MiB] [--repeat N] [--dir DIR] [--only NAME
 import argparse
 import os
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -38,10 +39,18 @@ def make_disk(path, size):
             pos += n
 
 
-def timed(cmd, env=None):
+CPU = {}
+
+
+def timed(cmd, env=None, cpu_key=None):
+    """Wall seconds; the child's CPU seconds (user + system) are added to CPU[cpu_key]."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu_key:
+        CPU.setdefault(cpu_key, []).append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
     if p.returncode not in (0,):
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.decode()[-500:]}")
     return dt
@@ -53,9 +62,11 @@ def bench_pair(name, peer_cmd, keel_cmd, repeat, setup=None):
         for which, cmd, out in (("peer", peer_cmd, peer), ("keel", keel_cmd, keel)):
             if setup:
                 setup(which)
-            out.append(timed(cmd))
+            out.append(timed(cmd, cpu_key=(name, which)))
     p, k = statistics.median(peer), statistics.median(keel)
-    print(f"{name:<34} {p * 1000:9.1f} ms {k * 1000:9.1f} ms   {p / k:5.2f}x", flush=True)
+    pc, kc = statistics.median(CPU[(name, "peer")]), statistics.median(CPU[(name, "keel")])
+    print(f"{name:<34} {p * 1000:9.1f} ms {k * 1000:9.1f} ms   {p / k:5.2f}x   "
+          f"cpu {pc * 1000:8.1f} ms {kc * 1000:8.1f} ms   {pc / max(kc, 1e-6):5.2f}x", flush=True)
     return p / k
 
 
@@ -86,10 +97,10 @@ def bench_serve(keel, tmp, image, repeat):
                 if os.path.exists(sock):
                     os.unlink(sock)
                 if which == "peer":
-                    server = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", sock, "-x", "", image],
+                    server = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-k", sock, "-x", "", image],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 else:
-                    server = subprocess.Popen([keel, "serve", "--read-only", "--socket", sock, image],
+                    server = subprocess.Popen([keel, "serve", "-t", "--read-only", "--socket", sock, image],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     wait_for_socket(sock)
@@ -131,7 +142,7 @@ def main():
         subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", raw, qs], check=True)
         out = os.path.join(tmp, "out")
         print(f"disk: {args.size} MiB, ~42% allocated; median of {args.repeat}; ratio = qemu / keel (>1: keel faster)")
-        print(f"{'case':<34} {'qemu':>12} {'keel':>12}   ratio")
+        print(f"{'case':<34} {'qemu':>12} {'keel':>12}   ratio   (cpu: user+sys of the tool)")
         ratios = {}
 
         def case(name, qargs, kargs, setup=None):

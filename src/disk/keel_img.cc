@@ -638,7 +638,9 @@ int cmd_convert(int argc, char** argv) {
     }
   };
   // More threads than cores: compression and decompression are CPU-bound, and I/O waits overlap.
-  unsigned nthreads = std::clamp(std::thread::hardware_concurrency() * (compress ? 4 : 2), 4u, 16u);
+  // (qemu-img convert keeps 8 requests in flight on a thread pool; a loaded machine shares CPU per
+  // thread, so fewer threads would also mean a smaller share.)
+  unsigned nthreads = std::clamp(std::thread::hardware_concurrency() * 4, 8u, 16u);
   std::vector<std::thread> threads;
   for (unsigned i = 1; i < nthreads; ++i) threads.emplace_back(worker);
   worker();

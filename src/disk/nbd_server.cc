@@ -91,11 +91,34 @@ private:
     std::vector<uint8_t> data;
   };
 
+  // Buffered: pipelined small requests arrive several per read(2).
   Result<void> recv(void* buf, size_t len) {
-    size_t got = TRY(read_full(fd_.get(), buf, len));
-    if (got != len) return fail(ECONNRESET, "client closed the connection");
+    uint8_t* out = static_cast<uint8_t*>(buf);
+    while (len > 0) {
+      if (rpos_ == rend_) {
+        if (len >= sizeof(rbuf_)) {  // large payloads straight into place
+          size_t got = TRY(read_full(fd_.get(), out, len));
+          if (got != len) return fail(ECONNRESET, "client closed the connection");
+          return ok();
+        }
+        ssize_t n;
+        do {
+          n = ::read(fd_.get(), rbuf_, sizeof(rbuf_));
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) return fail_errno("nbd receive");
+        if (n == 0) return fail(ECONNRESET, "client closed the connection");
+        rpos_ = 0;
+        rend_ = static_cast<size_t>(n);
+      }
+      size_t k = std::min(len, rend_ - rpos_);
+      std::memcpy(out, rbuf_ + rpos_, k);
+      rpos_ += k;
+      out += k;
+      len -= k;
+    }
     return ok();
   }
+  bool buffered() const { return rpos_ != rend_; }
   Result<void> send(const void* buf, size_t len) { return write_all(fd_.get(), buf, len); }
 
   Result<void> send_opt_reply(uint32_t option, uint32_t type, const void* data, uint32_t len) {
@@ -313,8 +336,9 @@ private:
       case kCmdRead: {
         if (!in_range) return send_error(req.handle, EINVAL);
         if (buf.size() < req.length) buf.resize(req.length);
-        if (structured_) {
-          // Holes become OFFSET_HOLE chunks, so the client learns about them without data.
+        if (structured_ && req.length >= (64u << 10)) {
+          // Holes become OFFSET_HOLE chunks, so the client learns about them without data (small
+          // reads skip the lookup: it would cost more than the data).
           auto ex = device_.block_status(req.offset, req.length);
           if (ex && !ex->empty() && std::all_of(ex->begin(), ex->end(), [](const Extent& e) { return e.zero; }) &&
               req.length > 0) {
@@ -323,6 +347,8 @@ private:
             store_be32(p + 8, req.length);
             return send_chunk(req.handle, kReplyFlagDone, kReplyOffsetHole, p, sizeof(p), nullptr, 0);
           }
+        }
+        if (structured_) {
           auto r = device_.read(req.offset, std::span<uint8_t>(buf.data(), req.length));
           if (!r) return send_error(req.handle, r.error().code());
           uint8_t p[8];
@@ -435,6 +461,7 @@ private:
         }
       });
     }
+    std::vector<uint8_t> inline_buf;
     while (!broken) {
       uint8_t h[28];
       if (!recv(h, sizeof(h))) break;
@@ -458,6 +485,17 @@ private:
         req.data.resize(req.length);
         if (!recv(req.data.data(), req.length)) break;
       }
+      // Small requests run right here (a hand-off to a worker would cost more than they do);
+      // large ones go to the workers so their I/O overlaps.
+      bool small = req.type != kCmdWrite && req.type != kCmdRead ? req.type != kCmdFlush : req.length <= (128u << 10);
+      if (small) {
+        if (!execute(req, inline_buf)) break;
+        if (req.data.capacity()) {
+          std::lock_guard lk(mu);
+          if (pool.size() < 16) pool.push_back(std::move(req.data));
+        }
+        continue;
+      }
       std::unique_lock lk(mu);
       cv_space.wait(lk, [&] { return queue.size() < 64; });
       queue.push_back(std::move(req));
@@ -476,6 +514,8 @@ private:
   const NbdServerOptions& options_;
   UniqueFd fd_;
   std::mutex send_mutex_;
+  uint8_t rbuf_[64 * 1024];
+  size_t rpos_ = 0, rend_ = 0;
   bool structured_ = false;
   bool base_allocation_ = false;
 };

@@ -687,6 +687,12 @@ Result<void> Qcow2Image::flush_metadata() {
   return ok();
 }
 
+Result<void> Qcow2Image::pwrite_data(const uint8_t* data, size_t length, uint64_t host) {
+  TRY(pwrite_all(fd_.get(), data, length, static_cast<off_t>(host)));
+  holes_.note_data(host, length);
+  return ok();
+}
+
 Result<void> Qcow2Image::sync_file() {
   if (unsafe_cache_) return ok();
   if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
@@ -703,7 +709,7 @@ Result<void> Qcow2Image::run_deferred_writes() {
   for (auto& [owner, host, data, length] : t_deferred) {
     if (owner != this) continue;
     if (result) {
-      auto r = pwrite_all(fd_.get(), data, length, static_cast<off_t>(host));
+      auto r = pwrite_data(data, length, host);
       if (!r) result = fail(r.error().with_context(fmt::format("write {} at host offset {}", path_, hex(host))));
     }
     {
@@ -1068,32 +1074,15 @@ Result<std::vector<Extent>> Qcow2Image::block_status(uint64_t offset, uint64_t l
       if (run.kind == RunKind::Data) {
         // Parts of the cluster area that are holes in our file read as zeros (preallocated
         // metadata, or data never written): say so, as qemu-img map does.
-        uint64_t h = run.host, hend = run.host + run.length;
-        while (h < hend) {
-          off_t d = ::lseek(fd_.get(), static_cast<off_t>(h), SEEK_DATA);
-          uint64_t data_start = d < 0 ? hend : std::min<uint64_t>(static_cast<uint64_t>(d), hend);
-          if (d < 0 && errno != ENXIO) data_start = h;  // no SEEK_DATA: all data
-          if (data_start > h) {
-            Extent z = e;
-            z.offset = pos + (h - run.host);
-            z.length = data_start - h;
-            z.zero = true;
-            z.file = path_;
-            z.file_offset = h;
-            add(std::move(z));
-            h = data_start;
-            continue;
-          }
-          off_t hole = ::lseek(fd_.get(), static_cast<off_t>(h), SEEK_HOLE);
-          uint64_t data_end = hole < 0 ? hend : std::min<uint64_t>(static_cast<uint64_t>(hole), hend);
-          if (data_end <= h) data_end = hend;
-          Extent dx = e;
-          dx.offset = pos + (h - run.host);
-          dx.length = data_end - h;
-          dx.file = path_;
-          dx.file_offset = h;
-          add(std::move(dx));
-          h = data_end;
+        auto pieces = TRY(holes_.pieces(fd_.get(), run.host, run.host + run.length));
+        for (auto& piece : pieces) {
+          Extent x = e;
+          x.offset = pos + (piece.start - run.host);
+          x.length = piece.end - piece.start;
+          x.zero = !piece.data;
+          x.file = path_;
+          x.file_offset = piece.start;
+          add(std::move(x));
         }
         pos += run.length;
         continue;
@@ -1159,7 +1148,7 @@ Result<void> Qcow2Image::write(uint64_t offset, std::span<const uint8_t> data) {
       }
     }
     if (run.length == 0) continue;
-    auto r = pwrite_all(fd_.get(), data.data() + done, run.length, static_cast<off_t>(run.host));
+    auto r = pwrite_data(data.data() + done, run.length, run.host);
     if (!r) return fail(r.error().with_context(fmt::format("write {} at host offset {}", path_, hex(run.host))));
     done += run.length;
   }
@@ -1182,7 +1171,7 @@ Result<void> Qcow2Image::write_locked(uint64_t offset, std::span<const uint8_t> 
     bool owned = (e & kOflagCopied) && hoff && !(e & kOflagCompressed);
     if (owned && !(e & kOflagZero)) {
       TRY(check_host_offset(hoff, pos));
-      TRY(pwrite_all(fd_.get(), data.data() + done, chunk, static_cast<off_t>(hoff + in_cluster)));
+      TRY(pwrite_data(data.data() + done, chunk, hoff + in_cluster));
       done += chunk;
       continue;
     }
@@ -1192,7 +1181,7 @@ Result<void> Qcow2Image::write_locked(uint64_t offset, std::span<const uint8_t> 
       uint8_t* buf = scratch_buffer(t_scratch.cluster, cluster_size_);
       std::memset(buf, 0, cluster_size_);
       std::memcpy(buf + in_cluster, data.data() + done, chunk);
-      TRY(pwrite_all(fd_.get(), buf, cluster_size_, static_cast<off_t>(hoff)));
+      TRY(pwrite_data(buf, cluster_size_, hoff));
       set_l2_entry(table, l2_index, hoff | kOflagCopied);
       l2_cache_.slots[l2_cache_.index[l1_[l1_index] & kL1OffsetMask]].dirty = true;
       done += chunk;
@@ -1221,7 +1210,7 @@ Result<void> Qcow2Image::write_locked(uint64_t offset, std::span<const uint8_t> 
       uint8_t* merged = scratch_buffer(t_scratch.rmw, cluster_size_);
       TRY(read_cluster_locked(pos - in_cluster, merged));
       std::memcpy(merged + in_cluster, data.data() + done, chunk);
-      TRY(pwrite_all(fd_.get(), merged, cluster_size_, static_cast<off_t>(host)));
+      TRY(pwrite_data(merged, cluster_size_, host));
     }
     table = TRY(get_l2(l1_index, true));
     for (uint64_t i = 0; i < got; ++i) {

@@ -23,6 +23,7 @@
 
 #include "base/unique_fd.h"
 #include "disk/block_device.h"
+#include "disk/hole_map.h"
 
 namespace keel::disk {
 
@@ -272,6 +273,8 @@ private:
   void defer_write(uint64_t host, const uint8_t* data, size_t length);
   Result<void> run_deferred_writes();
   void wait_for_deferred_writes();
+  Result<void> pwrite_data(const uint8_t* data, size_t length, uint64_t host);
+  HoleMap holes_;
   std::atomic<int> inflight_{0};
   std::mutex inflight_mutex_;
   std::condition_variable inflight_cv_;

@@ -188,7 +188,7 @@ Result<void> Qcow2Image::preallocate(Preallocation mode) {
       std::vector<uint8_t> zeros(std::min<uint64_t>(got * cluster_size_, 4 << 20), 0);
       for (uint64_t p = host; p < end;) {
         uint64_t k = std::min<uint64_t>(zeros.size(), end - p);
-        TRY(pwrite_all(fd_.get(), zeros.data(), k, static_cast<off_t>(p)));
+        TRY(pwrite_data(zeros.data(), k, p));
         p += k;
       }
     } else if (file_size() < end) {

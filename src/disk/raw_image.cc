@@ -43,6 +43,7 @@ Result<void> RawImage::write(uint64_t offset, std::span<const uint8_t> data) {
   if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
   TRY(check_range(offset, data.size(), "write"));
   TRY_CTX(pwrite_all(fd_.get(), data.data(), data.size(), static_cast<off_t>(offset)), "write " + path_);
+  holes_.note_data(offset, data.size());
   return ok();
 }
 
@@ -56,6 +57,7 @@ Result<void> RawImage::discard(uint64_t offset, uint64_t length) {
   if (read_only_) return fail(EROFS, "discard " + path_ + ": image is open read-only");
   TRY(check_range(offset, length, "discard"));
   if (length == 0 || is_block_device_) return ok();  // a hint only
+  holes_.invalidate();
   if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                   static_cast<off_t>(length)) < 0 &&
       errno != EOPNOTSUPP)
@@ -67,6 +69,7 @@ Result<void> RawImage::write_zeroes(uint64_t offset, uint64_t length) {
   if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
   TRY(check_range(offset, length, "write-zeroes"));
   if (length == 0) return ok();
+  if (!is_block_device_) holes_.invalidate();
   if (!is_block_device_ &&
       ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                   static_cast<off_t>(length)) == 0)
@@ -106,26 +109,8 @@ Result<std::vector<Extent>> RawImage::block_status(uint64_t offset, uint64_t len
     add(offset, end, true);
     return extents;
   }
-  uint64_t pos = offset;
-  while (pos < end) {
-    off_t data = ::lseek(fd_.get(), static_cast<off_t>(pos), SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) {  // no data after pos: the rest is a hole
-        add(pos, end, false);
-        break;
-      }
-      // Filesystems without SEEK_DATA: report everything as data.
-      add(pos, end, true);
-      break;
-    }
-    uint64_t data_start = std::min<uint64_t>(static_cast<uint64_t>(data), end);
-    add(pos, data_start, false);
-    if (data_start >= end) break;
-    off_t hole = ::lseek(fd_.get(), static_cast<off_t>(data_start), SEEK_HOLE);
-    uint64_t data_end = hole < 0 ? end : std::min<uint64_t>(static_cast<uint64_t>(hole), end);
-    add(data_start, data_end, true);
-    pos = data_end;
-  }
+  // The file's part of the range (past its end, a resized-but-unwritten tail reads as a hole).
+  for (auto& piece : TRY(holes_.pieces(fd_.get(), offset, end))) add(piece.start, piece.end, piece.data);
   return extents;
 }
 
@@ -133,6 +118,7 @@ Result<void> RawImage::resize(uint64_t new_size) {
   if (read_only_) return fail(EROFS, "resize " + path_ + ": image is open read-only");
   if (is_block_device_) return fail(ENOTSUP, "resize " + path_ + ": cannot resize a block device");
   if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) < 0) return fail_errno("resize " + path_);
+  holes_.invalidate();
   size_ = new_size;
   return ok();
 }

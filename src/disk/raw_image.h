@@ -6,6 +6,7 @@
 
 #include "base/unique_fd.h"
 #include "disk/block_device.h"
+#include "disk/hole_map.h"
 
 namespace keel::disk {
 
@@ -41,6 +42,7 @@ private:
   uint64_t size_;
   bool read_only_;
   bool is_block_device_;
+  HoleMap holes_;
 };
 
 }  // namespace keel::disk
