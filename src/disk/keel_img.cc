@@ -641,6 +641,7 @@ int cmd_convert(int argc, char** argv) {
   // (qemu-img convert keeps 8 requests in flight on a thread pool; a loaded machine shares CPU per
   // thread, so fewer threads would also mean a smaller share.)
   unsigned nthreads = std::clamp(std::thread::hardware_concurrency() * 4, 8u, 16u);
+  if (const char* t = std::getenv("KEEL_IMG_THREADS")) nthreads = std::clamp(std::atoi(t), 1, 64);
   std::vector<std::thread> threads;
   for (unsigned i = 1; i < nthreads; ++i) threads.emplace_back(worker);
   worker();

@@ -561,10 +561,17 @@ Result<void> serve_nbd(BlockDevice& device, const NbdServerOptions& options) {
   std::vector<int> client_fds;
   bool stop = false;
   while (!stop) {
-    pollfd fds[2] = {{listener.get(), POLLIN, 0}, {sigfd.get(), POLLIN, 0}};
-    int n = ::poll(fds, 2, 200);
+    // At the client limit, new connections wait in the listen queue (as with qemu-nbd) until a
+    // slot frees, rather than being dropped.
+    bool full;
+    {
+      std::lock_guard lk(mu);
+      full = active >= options.max_clients;
+    }
+    pollfd fds[2] = {{sigfd.get(), POLLIN, 0}, {listener.get(), POLLIN, 0}};
+    int n = ::poll(fds, full ? 1 : 2, full ? 20 : 200);
     if (n < 0 && errno != EINTR) return fail_errno("poll");
-    if (fds[1].revents & POLLIN) {
+    if (fds[0].revents & POLLIN) {
       (void)read_signal(sigfd.get());
       std::lock_guard lk(mu);
       for (int fd : client_fds) ::shutdown(fd, SHUT_RDWR);  // wakes their reader threads
@@ -574,7 +581,7 @@ Result<void> serve_nbd(BlockDevice& device, const NbdServerOptions& options) {
       std::lock_guard lk(mu);
       if (!options.persistent && served > 0 && active == 0) break;
     }
-    if (!(fds[0].revents & POLLIN)) continue;
+    if (full || !(fds[1].revents & POLLIN)) continue;
     int c = ::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC);
     if (c < 0) continue;
     UniqueFd client(c);
