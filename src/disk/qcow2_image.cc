@@ -68,7 +68,7 @@ struct Scratch {
   }
 };
 thread_local Scratch t_scratch;
-thread_local std::vector<std::tuple<const void*, uint64_t, const uint8_t*, size_t>> t_deferred;
+thread_local std::vector<std::tuple<const void*, uint64_t, const uint8_t*, size_t, uint64_t>> t_deferred;
 
 uint8_t* scratch_buffer(std::vector<uint8_t>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -541,6 +541,9 @@ Result<void> Qcow2Image::set_refcount(uint64_t cluster, uint64_t value) {
   }
   uint64_t off = rt_[range] & kRtOffsetMask;
   rb_cache_.slots[rb_cache_.index[off]].dirty = true;
+  // A freed cluster may be reused for anything: never append compressed data to it again.
+  if (value == 0 && compressed_next_ && cluster == (compressed_next_ >> cluster_bits_))
+    compressed_next_ = compressed_end_ = 0;
   return ok();
 }
 
@@ -699,14 +702,38 @@ Result<void> Qcow2Image::sync_file() {
   return ok();
 }
 
-void Qcow2Image::defer_write(uint64_t host, const uint8_t* data, size_t length) {
+void Qcow2Image::defer_write(uint64_t host, const uint8_t* data, size_t length, uint64_t voffset) {
+  {
+    std::lock_guard lk(inflight_mutex_);
+    inflight_ranges_.push_back({voffset, voffset + length});
+  }
   inflight_.fetch_add(1);
-  t_deferred.emplace_back(this, host, data, length);
+  t_deferred.emplace_back(this, host, data, length, voffset);
+}
+
+bool Qcow2Image::overlaps_inflight(uint64_t offset, uint64_t length) const {
+  for (auto& [a, b] : inflight_ranges_)
+    if (a < offset + length && offset < b) return true;
+  return false;
+}
+
+void Qcow2Image::wait_for_range(std::unique_lock<std::mutex>& meta_lock, uint64_t offset, uint64_t length) {
+  // Reads and writes of a cluster whose new data is still on its way wait for it: they would see
+  // whatever the freshly allocated cluster held before.
+  while (true) {
+    {
+      std::unique_lock lk(inflight_mutex_);
+      if (!overlaps_inflight(offset, length)) return;
+      meta_lock.unlock();
+      inflight_cv_.wait(lk, [&] { return !overlaps_inflight(offset, length); });
+    }
+    meta_lock.lock();
+  }
 }
 
 Result<void> Qcow2Image::run_deferred_writes() {
   Result<void> result = ok();
-  for (auto& [owner, host, data, length] : t_deferred) {
+  for (auto& [owner, host, data, length, voffset] : t_deferred) {
     if (owner != this) continue;
     if (result) {
       auto r = pwrite_data(data, length, host);
@@ -715,6 +742,11 @@ Result<void> Qcow2Image::run_deferred_writes() {
     {
       std::lock_guard lk(inflight_mutex_);
       inflight_.fetch_sub(1);
+      for (auto it = inflight_ranges_.begin(); it != inflight_ranges_.end(); ++it)
+        if (it->first == voffset && it->second == voffset + length) {
+          inflight_ranges_.erase(it);
+          break;
+        }
     }
     inflight_cv_.notify_all();
   }
@@ -974,7 +1006,8 @@ Result<void> Qcow2Image::read(uint64_t offset, std::span<uint8_t> out) {
   while (done < out.size()) {
     Run run;
     {
-      std::lock_guard lock(mutex_);
+      std::unique_lock lock(mutex_);
+      wait_for_range(lock, offset + done, out.size() - done);
       run = TRY(resolve(offset + done, out.size() - done));
     }
     TRY(read_run(run, offset + done, out.subspan(done, run.length)));
@@ -1108,6 +1141,9 @@ Result<void> Qcow2Image::write(uint64_t offset, std::span<const uint8_t> data) {
     bool in_place = false;
     {
       std::unique_lock lock(mutex_);
+      // Whole clusters: a read-modify-write reads the rest of the cluster.
+      uint64_t wstart = pos & ~uint64_t{cluster_size_ - 1};
+      wait_for_range(lock, wstart, ((pos + (data.size() - done) + cluster_size_ - 1) & ~uint64_t{cluster_size_ - 1}) - wstart);
       uint64_t l1_index = pos >> (cluster_bits_ + l2_bits_);
       uint64_t l2_index = (pos >> cluster_bits_) & ((1ULL << l2_bits_) - 1);
       if ((l1_[l1_index] & kOflagCopied) && (l1_[l1_index] & kL1OffsetMask)) {
@@ -1203,7 +1239,7 @@ Result<void> Qcow2Image::write_locked(uint64_t offset, std::span<const uint8_t> 
     // The allocation may have evicted our table from the cache: fetch it again.
     table = TRY(get_l2(l1_index, true));
     if (whole >= 1) {
-      defer_write(host, data.data() + done, got * cluster_size_);
+      defer_write(host, data.data() + done, got * cluster_size_, pos);
     } else {
       got = 1;
       // What the cluster reads as now, with the write laid over it.
@@ -1273,7 +1309,8 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8
 
   Result<void> placed;
   {
-    std::lock_guard lock(mutex_);
+    std::unique_lock lock(mutex_);
+    wait_for_range(lock, offset, cluster_size_);
     placed = place_compressed(offset, out, out_len);
   }
   auto written = run_deferred_writes();
@@ -1328,7 +1365,7 @@ Result<void> Qcow2Image::place_compressed(uint64_t offset, const uint8_t* out, s
   }
   set_l2_entry(table, l2_index, kOflagCompressed | (nb_sectors << csize_shift_) | start);
   l2_cache_.slots[l2_cache_.index[l1_[l1_index] & kL1OffsetMask]].dirty = true;
-  defer_write(start, out, out_len);
+  defer_write(start, out, out_len, offset);
   return ok();
 }
 

@@ -270,7 +270,10 @@ private:
     const uint8_t* data;
     size_t length;
   };
-  void defer_write(uint64_t host, const uint8_t* data, size_t length);
+  void defer_write(uint64_t host, const uint8_t* data, size_t length, uint64_t voffset);
+  bool overlaps_inflight(uint64_t offset, uint64_t length) const;
+  void wait_for_range(std::unique_lock<std::mutex>& meta_lock, uint64_t offset, uint64_t length);
+  std::vector<std::pair<uint64_t, uint64_t>> inflight_ranges_;  // virtual ranges, under inflight_mutex_
   Result<void> run_deferred_writes();
   void wait_for_deferred_writes();
   Result<void> pwrite_data(const uint8_t* data, size_t length, uint64_t host);
