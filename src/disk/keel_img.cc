@@ -506,7 +506,7 @@ bool is_zero(const uint8_t* p, size_t n) {
 
 int cmd_convert(int argc, char** argv) {
   std::string src_fmt, dst_fmt = "raw", options, target_backing, target_backing_fmt;
-  bool compress = false, progress = false, safe_cache = false;
+  bool compress = false, progress = false, safe_cache = false, direct = false;
   uint64_t sparse_size = 4096;
   int c;
   while ((c = getopt(argc, argv, "f:O:o:cB:F:pS:WqnUm:t:T:")) != -1) {
@@ -519,7 +519,10 @@ int cmd_convert(int argc, char** argv) {
       case 'F': target_backing_fmt = optarg; break;
       case 'p': progress = true; break;
       case 'S': sparse_size = must(parse_size(optarg)); break;
-      case 't': safe_cache = std::string(optarg) != "unsafe"; break;
+      case 't':
+        safe_cache = std::string(optarg) != "unsafe";
+        direct = std::string(optarg) == "none" || std::string(optarg) == "directsync";
+        break;
       case 'W': case 'q': case 'n': case 'U': case 'm': case 'T': break;
       default: usage();
     }
@@ -542,7 +545,9 @@ int cmd_convert(int argc, char** argv) {
     target_backing_fmt = format_name(must(probe_format(resolved)));
   }
   create_image(dst_path, df, size, opts, target_backing, target_backing_fmt);
-  auto dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt);
+  std::unique_ptr<BlockDevice> dst;
+  if (direct && df == ImageFormat::Raw) dst = must(RawImage::open_direct(dst_path, OpenMode::ReadWrite));
+  else dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt);
   auto* qdst = dynamic_cast<Qcow2Image*>(dst.get());
   if (qdst && !safe_cache) qdst->set_unsafe_cache(true);
   auto* qbacking = qdst ? qdst->backing() : nullptr;
@@ -1066,7 +1071,7 @@ int cmd_bench(int argc, char** argv) {
                               {nullptr, 0, nullptr, 0}};
   std::string fmt;
   uint64_t count = 75000, depth = 64, size = 4096, step = 0, offset = 0, flush_interval = 0;
-  bool write = false, random = false, flush_at_end = true, mixed = false;
+  bool write = false, random = false, flush_at_end = true, mixed = false, bench_direct = false;
   int c;
   while ((c = getopt_long(argc, argv, "c:d:s:S:o:wf:t:i:nqU", longopts, nullptr)) != -1) {
     switch (c) {
@@ -1080,13 +1085,18 @@ int cmd_bench(int argc, char** argv) {
       case OPT_PATTERN: random = std::string(optarg) == "random"; break;
       case OPT_FLUSH_INTERVAL: flush_interval = std::strtoull(optarg, nullptr, 10); break;
       case OPT_MIXED: mixed = true; write = true; random = true; break;
-      case 't': case 'i': case 'n': case 'q': case 'U': break;
+      case 't': bench_direct = std::string(optarg) == "none" || std::string(optarg) == "directsync"; break;
+      case 'i': case 'n': case 'q': case 'U': break;
       default: usage();
     }
   }
   if (optind >= argc) usage();
   if (!step) step = size;
-  auto dev = open_or_die(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly, fmt);
+  std::unique_ptr<BlockDevice> dev;
+  if (bench_direct && (fmt == "raw" || (fmt.empty() && must(probe_format(argv[optind])) == ImageFormat::Raw)))
+    dev = must(RawImage::open_direct(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly));
+  else
+    dev = open_or_die(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly, fmt);
   uint64_t slots = dev->size() > offset + size ? (dev->size() - offset - size) / size + 1 : 1;
   std::printf("Sending %llu %s requests, %llu bytes each, %llu in parallel (starting at offset %llu, step size %llu)\n",
               static_cast<unsigned long long>(count), write ? "write" : "read", static_cast<unsigned long long>(size),
