@@ -689,26 +689,60 @@ int cmd_compare(int argc, char** argv) {
     std::printf("Content mismatch at offset %llu!\n", static_cast<unsigned long long>(off));
     return 1;
   };
-  for (uint64_t pos = 0; pos < common;) {
-    uint64_t n = std::min(chunk, common - pos);
-    auto ea = A.block_status(pos, n);
-    auto eb = B.block_status(pos, n);
-    if (!ea || !eb) { std::fprintf(stderr, "keel-img: %s\n", (!ea ? ea.error() : eb.error()).message().c_str()); return 2; }
-    // Both zero over the whole chunk: nothing to read.
-    bool za = std::all_of(ea->begin(), ea->end(), [](const Extent& e) { return !e.data || e.zero; });
-    bool zb = std::all_of(eb->begin(), eb->end(), [](const Extent& e) { return !e.data || e.zero; });
-    if (!(za && zb)) {
-      auto ra = A.read(pos, std::span<uint8_t>(ba.data(), n));
-      auto rb = B.read(pos, std::span<uint8_t>(bb.data(), n));
-      if (!ra || !rb) { std::fprintf(stderr, "keel-img: %s\n", (!ra ? ra.error() : rb.error()).message().c_str()); return 2; }
-      if (std::memcmp(ba.data(), bb.data(), n) != 0) {
+  // Workers compare 2 MiB chunks in turn; the first (lowest) mismatch wins, as in a serial scan.
+  std::atomic<uint64_t> next{0}, first_mismatch{UINT64_MAX};
+  std::mutex err_mu;
+  std::optional<Error> err;
+  auto worker = [&] {
+    std::vector<uint8_t> wa(chunk), wb(chunk);
+    while (true) {
+      uint64_t pos = next.fetch_add(1) * chunk;
+      if (pos >= common || pos >= first_mismatch.load()) return;
+      {
+        std::lock_guard lk(err_mu);
+        if (err) return;
+      }
+      uint64_t n = std::min(chunk, common - pos);
+      auto ea = A.block_status(pos, n);
+      auto eb = B.block_status(pos, n);
+      if (!ea || !eb) {
+        std::lock_guard lk(err_mu);
+        if (!err) err = !ea ? ea.error() : eb.error();
+        return;
+      }
+      // Both zero over the whole chunk: nothing to read.
+      bool za = std::all_of(ea->begin(), ea->end(), [](const Extent& e) { return !e.data || e.zero; });
+      bool zb = std::all_of(eb->begin(), eb->end(), [](const Extent& e) { return !e.data || e.zero; });
+      if (za && zb) continue;
+      auto ra = A.read(pos, std::span<uint8_t>(wa.data(), n));
+      auto rb = B.read(pos, std::span<uint8_t>(wb.data(), n));
+      if (!ra || !rb) {
+        std::lock_guard lk(err_mu);
+        if (!err) err = !ra ? ra.error() : rb.error();
+        return;
+      }
+      if (std::memcmp(wa.data(), wb.data(), n) != 0) {
         uint64_t i = 0;
-        while (ba[i] == bb[i]) ++i;
-        return report_mismatch((pos + i) & ~511ULL);
+        while (wa[i] == wb[i]) ++i;
+        uint64_t at = (pos + i) & ~511ULL;
+        uint64_t cur = first_mismatch.load();
+        while (at < cur && !first_mismatch.compare_exchange_weak(cur, at)) {
+        }
+        return;
       }
     }
-    pos += n;
+  };
+  {
+    std::vector<std::thread> threads;
+    for (int i = 1; i < 4; ++i) threads.emplace_back(worker);
+    worker();
+    for (auto& t : threads) t.join();
   }
+  if (err) {
+    std::fprintf(stderr, "keel-img: %s\n", err->message().c_str());
+    return 2;
+  }
+  if (first_mismatch.load() != UINT64_MAX) return report_mismatch(first_mismatch.load());
   if (A.size() != B.size()) {
     BlockDevice& L = A.size() > B.size() ? A : B;
     for (uint64_t pos = common; pos < L.size();) {
