@@ -28,6 +28,9 @@ struct Extent {
   // empty file name otherwise.
   std::string file;
   uint64_t file_offset = 0;
+  // Allocated in some layer of the chain ("present" in qemu-img map); false only for ranges no
+  // layer holds, which read as zeros.
+  bool allocated = true;
 };
 
 class BlockDevice {

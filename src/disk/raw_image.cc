@@ -88,7 +88,7 @@ Result<std::vector<Extent>> RawImage::block_status(uint64_t offset, uint64_t len
   uint64_t end = offset + length;
   auto add = [&](uint64_t start, uint64_t stop, bool data) {
     if (stop <= start) return;
-    if (!extents.empty() && extents.back().data == data &&
+    if (!extents.empty() && extents.back().data == data && !extents.back().file.empty() &&
         extents.back().offset + extents.back().length == start) {
       extents.back().length += stop - start;
       return;
@@ -98,10 +98,8 @@ Result<std::vector<Extent>> RawImage::block_status(uint64_t offset, uint64_t len
     e.length = stop - start;
     e.data = data;
     e.zero = !data;
-    if (data) {
-      e.file = path_;
-      e.file_offset = start;
-    }
+    e.file = path_;  // holes too have a place in the file (qemu-img map reports it)
+    e.file_offset = start;
     extents.push_back(std::move(e));
   };
   if (is_block_device_) {
