@@ -478,18 +478,18 @@ void print_ll_line(const std::string& name, const FileStat& s, const std::string
 }
 
 Result<void> print_ls_recursive(Guest& guest, const std::string& dir, bool long_format) {
+  // As virt-ls -R prints them: each path relative to `dir`, with a leading slash.
   auto root = TRY(guest.resolve(dir, Follow::Last));
-  std::string prefix = root.guest_path == "/" ? "" : root.guest_path;
   std::vector<std::pair<std::string, FileStat>> entries;
   TRY(guest.walk(dir, [&](const std::string& rel, const FileStat& s) -> Result<void> {
-    entries.emplace_back(prefix + "/" + rel, s);
+    entries.emplace_back("/" + rel, s);
     return ok();
   }));
   std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   std::string buffer;
   for (const auto& [path, s] : entries) {
     if (long_format) {
-      std::string link = s.type() == FileType::Symlink ? TRY(guest.readlink(path)) : "";
+      std::string link = s.type() == FileType::Symlink ? TRY(guest.readlink(join_path(root.guest_path, path))) : "";
       print_ll_line(path, s, link);
     } else {
       buffer += path;

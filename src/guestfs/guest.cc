@@ -136,6 +136,7 @@ std::vector<std::pair<std::string, std::string>> Guest::list_filesystems() const
       if (d.kind != DeviceKind::Disk) out.emplace_back(d.name, "unknown");
       continue;
     }
+    if (d.probe.type == "LVM2_member") continue;  // as guestfish: PVs are not filesystems
     out.emplace_back(d.name, d.probe.type);
   }
   return out;

@@ -5,7 +5,7 @@
 
 #include <cstring>
 
-#include "disk/raw_image.h"
+#include "disk/image.h"
 
 namespace keel::guestfs {
 
@@ -26,15 +26,9 @@ Result<bool> try_lock(int fd, bool exclusive) {
 
 Result<std::unique_ptr<disk::BlockDevice>> open_device(const std::string& path, bool read_only,
                                                        const std::string& format) {
-  if (!format.empty() && format != "raw") return fail_invalid("{}: format {} is not supported yet", path, format);
-  // Until the qcow2/vmdk drivers land, refuse them by their magic rather than show raw bytes.
-  auto fd = TRY(UniqueFd::open(path, O_RDONLY));
-  char magic[4] = {};
-  ssize_t n = pread(fd.get(), magic, sizeof magic, 0);
-  if (format.empty() && n == 4 && (std::memcmp(magic, "QFI\xfb", 4) == 0 || std::memcmp(magic, "KDMV", 4) == 0))
-    return fail_invalid("{}: qcow2/vmdk images need the disk library's image drivers", path);
-  auto raw = TRY(disk::RawImage::open(path, read_only ? disk::OpenMode::ReadOnly : disk::OpenMode::ReadWrite));
-  return std::unique_ptr<disk::BlockDevice>(std::move(raw));
+  std::optional<disk::ImageFormat> fmt;
+  if (!format.empty()) fmt = TRY(disk::parse_format(format));
+  return disk::open_image(path, read_only ? disk::OpenMode::ReadOnly : disk::OpenMode::ReadWrite, fmt);
 }
 
 }  // namespace
