@@ -67,9 +67,18 @@ Result<bool> inspect_root(Guest& guest, OsInfo& os) {
     parse_version(os.version_id, os.major_version, os.minor_version);
   }
   if (os.distro == "debian") {
-    // Debian's os-release gives only the major version; debian_version has the point release.
-    if (auto dv = TRY(read_optional(guest, "/etc/debian_version")); dv && os.major_version == 0) {
-      parse_version(trim(*dv), os.major_version, os.minor_version);
+    // Debian's os-release gives only the major version; debian_version has the point release,
+    // and libguestfs reports it as the product name too.
+    if (auto dv = TRY(read_optional(guest, "/etc/debian_version"))) {
+      std::string v = trim(*dv);
+      v = v.substr(0, v.find('\n'));
+      int major = 0, minor = 0;
+      parse_version(v, major, minor);
+      if (major > 0) {
+        os.product_name = v;
+        os.major_version = major;
+        os.minor_version = minor;
+      }
     }
   }
   if (auto hostname = TRY(read_optional(guest, "/etc/hostname"))) {
@@ -196,10 +205,10 @@ std::vector<Application> parse_dpkg_status(std::string_view text) {
       continue;
     }
     if (line[0] == ' ' || line[0] == '\t') {
+      // Continuation lines of the long description lose their first space (" ." stays ".").
       if (last_key == "Description") {
-        std::string cont = trim(line);
-        if (cont == ".") cont = "";
-        current.description += "\n" + cont;
+        std::string cont(line.substr(1));
+        current.description += current.description.empty() ? cont : "\n" + cont;
       }
       continue;
     }
@@ -231,7 +240,11 @@ std::vector<Application> parse_dpkg_status(std::string_view text) {
       }
     } else if (key == "Description") {
       current.summary = value;
-      current.description = value;
+      current.description.clear();
+    } else if (key == "Homepage") {
+      current.url = value;
+    } else if (key == "Source") {
+      current.source_package = value.substr(0, value.find(' '));
     }
   }
   finish();
@@ -304,7 +317,15 @@ Result<std::vector<OsInfo>> inspect_os(Guest& guest) {
     auto is_root = inspect_root(guest, os);
     guest.umount_all();
     if (!is_root || !*is_root) continue;
-    os.filesystems = filesystems;
+    std::vector<std::string> devices = {os.root};
+    for (const auto& [mp, dev] : os.fstab) devices.push_back(dev);
+    std::sort(devices.begin(), devices.end());
+    devices.erase(std::unique(devices.begin(), devices.end()), devices.end());
+    for (const auto& dev : devices) {
+      auto d = guest.find_device(dev);
+      if (!d) continue;
+      os.filesystems.push_back(OsFilesystem{dev, (*d)->probe.type, (*d)->probe.label, (*d)->probe.uuid});
+    }
     found.push_back(std::move(os));
   }
   for (auto& os : found) {
@@ -431,7 +452,8 @@ nlohmann::json os_to_json(const OsInfo& os, const std::vector<Application>* apps
   j["mountpoints"] = nlohmann::json::object();
   for (const auto& [mp, dev] : os.fstab) j["mountpoints"][mp] = dev;
   j["filesystems"] = nlohmann::json::array();
-  for (const auto& [dev, type] : os.filesystems) j["filesystems"].push_back({{"device", dev}, {"type", type}});
+  for (const auto& f : os.filesystems)
+    j["filesystems"].push_back({{"device", f.device}, {"type", f.type}, {"label", f.label}, {"uuid", f.uuid}});
   if (apps) {
     j["applications"] = nlohmann::json::array();
     for (const auto& a : *apps)
@@ -440,7 +462,8 @@ nlohmann::json os_to_json(const OsInfo& os, const std::vector<Application>* apps
                                    {"version", a.version},
                                    {"release", a.release},
                                    {"arch", a.arch},
-                                   {"summary", a.summary}});
+                                   {"summary", a.summary},
+                                   {"url", a.url}});
   }
   if (kernels) j["kernels"] = *kernels;
   return j;
@@ -482,6 +505,15 @@ std::string os_to_xml(const OsInfo& os, const std::vector<Application>* apps) {
   for (const auto& [mp, dev] : os.fstab)
     x += fmt::format("      <mountpoint dev=\"{}\">{}</mountpoint>\n", xml_escape(dev), xml_escape(mp));
   x += "    </mountpoints>\n";
+  x += "    <filesystems>\n";
+  for (const auto& f : os.filesystems) {
+    x += fmt::format("      <filesystem dev=\"{}\">\n", xml_escape(f.device));
+    if (!f.type.empty()) x += fmt::format("        <type>{}</type>\n", xml_escape(f.type));
+    if (!f.label.empty()) x += fmt::format("        <label>{}</label>\n", xml_escape(f.label));
+    if (!f.uuid.empty()) x += fmt::format("        <uuid>{}</uuid>\n", xml_escape(f.uuid));
+    x += "      </filesystem>\n";
+  }
+  x += "    </filesystems>\n";
   if (apps) {
     x += "    <applications>\n";
     for (const auto& a : *apps) {
@@ -491,6 +523,12 @@ std::string os_to_xml(const OsInfo& os, const std::vector<Application>* apps) {
       x += fmt::format("        <version>{}</version>\n", xml_escape(a.version));
       if (!a.release.empty()) x += fmt::format("        <release>{}</release>\n", xml_escape(a.release));
       if (!a.arch.empty()) x += fmt::format("        <arch>{}</arch>\n", xml_escape(a.arch));
+      if (!a.url.empty()) x += fmt::format("        <url>{}</url>\n", xml_escape(a.url));
+      if (!a.source_package.empty())
+        x += fmt::format("        <source_package>{}</source_package>\n", xml_escape(a.source_package));
+      if (!a.summary.empty()) x += fmt::format("        <summary>{}</summary>\n", xml_escape(a.summary));
+      if (!a.description.empty())
+        x += fmt::format("        <description>{}</description>\n", xml_escape(a.description));
       x += "      </application>\n";
     }
     x += "    </applications>\n";

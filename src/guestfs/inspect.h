@@ -19,6 +19,15 @@ struct Application {
   std::string arch;
   std::string summary;
   std::string description;
+  std::string url;
+  std::string source_package;
+};
+
+struct OsFilesystem {
+  std::string device;
+  std::string type;
+  std::string label;
+  std::string uuid;
 };
 
 struct OsInfo {
@@ -35,7 +44,7 @@ struct OsInfo {
   std::string package_management = "unknown";
   std::string osinfo;
   std::vector<std::pair<std::string, std::string>> fstab;  // mountpoint, device (as our names)
-  std::vector<std::pair<std::string, std::string>> filesystems;  // device, type
+  std::vector<OsFilesystem> filesystems;  // those the OS mounts (root and fstab), by device name
 };
 
 // Finds every operating system on the guest's devices. Leaves nothing mounted.
