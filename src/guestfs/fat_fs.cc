@@ -495,7 +495,39 @@ public:
 private:
   Result<void> writable() {
     if (read_only_) return fail(EROFS, "filesystem is mounted read-only");
+    if (!chains_checked_) {
+      TRY(check_chains());
+      chains_checked_ = true;
+    }
     return ok();
+  }
+
+  // Before the first write: every cluster belongs to at most one file or directory. Freeing a
+  // cross-linked chain would free another file's data, so such a filesystem is not written to.
+  Result<void> check_chains() {
+    std::vector<uint8_t> owner(size_t(g_.cluster_count) + 2, 0);
+    auto claim = [&](uint32_t first, const std::string& what) -> Result<void> {
+      auto clusters = TRY_CTX(chain(first, UINT64_MAX), what);
+      for (uint32_t c : clusters) {
+        if (owner[c]) return fail(EUCLEAN, fmt::format("{}: cluster {} is cross-linked with another file; "
+                                                       "refusing to write (run fsck.fat)", what, c));
+        owner[c] = 1;
+      }
+      return ok();
+    };
+    if (g_.fat_bits == 32) TRY(claim(g_.root_cluster, "/"));
+    std::function<Result<void>(DirRef, const std::string&, int)> visit = [&](DirRef dir, const std::string& path,
+                                                                           int depth) -> Result<void> {
+      if (depth > 256) return fail(ELOOP, path + ": directories nest too deeply");
+      for (const auto& e : TRY(read_entries(dir))) {
+        std::string child = join_path(path, e.name);
+        if (e.cluster == 0) continue;
+        TRY(claim(e.cluster, child));
+        if (e.is_dir()) TRY(visit(DirRef{false, e.cluster}, child, depth + 1));
+      }
+      return ok();
+    };
+    return visit(root_ref(), "/", 0);
   }
 
   DirRef root_ref() const { return g_.fat_bits == 32 ? DirRef{false, g_.root_cluster} : DirRef{true, 0}; }
@@ -551,12 +583,13 @@ private:
   Result<std::vector<uint32_t>> chain(uint32_t first, uint64_t limit) {
     std::vector<uint32_t> out;
     if (first == 0) return out;
+    std::vector<bool> seen(size_t(g_.cluster_count) + 2, false);
     uint32_t c = first;
     while (out.size() < limit) {
       if (!valid_cluster(c)) return fail(EIO, fmt::format("FAT chain points to invalid cluster {}", c));
+      if (seen[c]) return fail(EIO, fmt::format("FAT chain starting at cluster {} loops back to cluster {}", first, c));
+      seen[c] = true;
       out.push_back(c);
-      if (out.size() > g_.cluster_count)
-        return fail(EIO, fmt::format("FAT chain starting at cluster {} loops (cross-linked)", first));
       uint32_t next = fat_get(c);
       if (is_eoc(next)) break;
       if (next == 0) return fail(EIO, fmt::format("FAT chain starting at cluster {} runs into a free cluster", first));
@@ -937,6 +970,7 @@ private:
   std::vector<uint8_t> fat_;
   std::vector<bool> fat_dirty_;
   uint32_t next_free_ = 0;
+  bool chains_checked_ = false;
 };
 
 }  // namespace
