@@ -72,9 +72,12 @@ Result<void> cmd_ll(FishState& st, const std::vector<std::string>& a) {
 }
 
 Result<void> cmd_find(FishState& st, const std::vector<std::string>& a) {
+  // guestfs_find strips the directory's own name from each path: "/" gives "etc/motd",
+  // "/etc" gives "/motd".
+  std::string prefix = !a[0].empty() && a[0].back() == '/' ? "" : "/";
   std::vector<std::string> names;
   TRY(st.guest.walk(a[0], [&](const std::string& rel, const FileStat&) -> Result<void> {
-    names.push_back(rel);
+    names.push_back(prefix + rel);
     return ok();
   }));
   std::sort(names.begin(), names.end());
@@ -478,11 +481,13 @@ void print_ll_line(const std::string& name, const FileStat& s, const std::string
 }
 
 Result<void> print_ls_recursive(Guest& guest, const std::string& dir, bool long_format) {
-  // As virt-ls -R prints them: each path relative to `dir`, with a leading slash.
+  // As virt-ls -R prints them (guestfs_find's output): each path with `dir` stripped off, so
+  // "/" gives "etc/motd" and "/etc" gives "/motd".
   auto root = TRY(guest.resolve(dir, Follow::Last));
+  std::string prefix = !dir.empty() && dir.back() == '/' ? "" : "/";
   std::vector<std::pair<std::string, FileStat>> entries;
   TRY(guest.walk(dir, [&](const std::string& rel, const FileStat& s) -> Result<void> {
-    entries.emplace_back("/" + rel, s);
+    entries.emplace_back(prefix + rel, s);
     return ok();
   }));
   std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.first < b.first; });

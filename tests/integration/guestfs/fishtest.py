@@ -91,11 +91,11 @@ def local_tree(root, fat=False):
 
 
 def expected_listing(root):
-    """What `ls -R /` should print for a local tree: every path with a leading slash, sorted."""
+    """What `ls -R /` should print for a local tree: every path relative to the root, sorted."""
     names = []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            names.append("/" + os.path.relpath(os.path.join(dirpath, name), root))
+            names.append(os.path.relpath(os.path.join(dirpath, name), root))
     return sorted(names)
 
 

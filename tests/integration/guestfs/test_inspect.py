@@ -67,7 +67,7 @@ check(len(new_id) == 32 and new_id != before.decode().strip(), f"sysprep: new ma
 check(lines[1] == "clone-01", "sysprep: hostname set")
 check(lines[2:4] == ["127.0.0.1\tlocalhost", "127.0.1.1\tclone-01"], f"sysprep: /etc/hosts follows {lines[2:4]}")
 rest = lines[4:]
-check(rest[:3] == ["apt", "apt/history.log", "syslog"], f"sysprep: leases gone, rotated logs removed {rest[:3]}")
+check(rest[:3] == ["/apt", "/apt/history.log", "/syslog"], f"sysprep: leases gone, rotated logs removed {rest[:3]}")
 check(rest[3:5] == ["false", "false"], "sysprep: bash history removed (root and user)")
 shadow = [l for l in rest if l.startswith("root:")]
 check(len(shadow) == 1 and shadow[0].startswith("root:$6$"), "sysprep: root password set (SHA-512 crypt)")
