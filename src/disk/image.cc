@@ -9,6 +9,7 @@
 #include "disk/image_internal.h"
 #include "disk/qcow2_image.h"
 #include "disk/raw_image.h"
+#include "disk/vmdk_image.h"
 
 namespace keel::disk {
 
@@ -59,10 +60,12 @@ Result<std::unique_ptr<BlockDevice>> open_image_internal(const std::string& path
       auto image = TRY(Qcow2Image::open(path, mode, {}, depth));
       return std::unique_ptr<BlockDevice>(std::move(image));
     }
-    case ImageFormat::Vmdk:
-      break;
+    case ImageFormat::Vmdk: {
+      auto image = TRY(VmdkImage::open(path, mode));
+      return std::unique_ptr<BlockDevice>(std::move(image));
+    }
   }
-  return fail(ENOTSUP, "open " + path + ": " + format_name(fmt) + " is not supported yet");
+  return fail(ENOTSUP, "open " + path + ": unknown format");
 }
 
 }  // namespace keel::disk

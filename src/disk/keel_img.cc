@@ -59,7 +59,7 @@ void usage() {
       "  rebase [-f fmt] [-u] -b BACKING [-F fmt] FILE\n"
       "  measure [-O fmt] [-o options] (--size SIZE | [-f fmt] FILE)\n"
       "  bench [-c count] [-d depth] [-s size] [-w] [-f fmt] [--pattern=random|sequential] FILE\n"
-      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] FILE\n",
+      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] [-t] [-x NAME] FILE\n",
       stderr);
   std::exit(1);
 }
@@ -332,7 +332,7 @@ void print_info_human(BlockDevice& dev, const std::string& path) {
 }
 
 enum { OPT_OUTPUT = 1000, OPT_BACKING_CHAIN, OPT_SHRINK, OPT_SIZE, OPT_SOCKET, OPT_PORT, OPT_READ_ONLY,
-       OPT_SHARED, OPT_PATTERN, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS };
+       OPT_SHARED, OPT_PATTERN, OPT_FLUSH_INTERVAL, OPT_MIXED, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS };
 
 int cmd_info(int argc, char** argv) {
   static option longopts[] = {{"output", required_argument, nullptr, OPT_OUTPUT},
@@ -504,16 +504,9 @@ bool is_zero(const uint8_t* p, size_t n) {
   return std::memcmp(p, p + 1, n - 1) == 0;
 }
 
-// A bounded queue of compression jobs for convert -c: workers compress and write (placement is
-// serialized inside Qcow2Image), the reader keeps them fed.
-struct CompressJob {
-  uint64_t offset;
-  std::vector<uint8_t> data;
-};
-
 int cmd_convert(int argc, char** argv) {
   std::string src_fmt, dst_fmt = "raw", options, target_backing, target_backing_fmt;
-  bool compress = false, progress = false;
+  bool compress = false, progress = false, safe_cache = false;
   uint64_t sparse_size = 4096;
   int c;
   while ((c = getopt(argc, argv, "f:O:o:cB:F:pS:WqnUm:t:T:")) != -1) {
@@ -526,7 +519,8 @@ int cmd_convert(int argc, char** argv) {
       case 'F': target_backing_fmt = optarg; break;
       case 'p': progress = true; break;
       case 'S': sparse_size = must(parse_size(optarg)); break;
-      case 'W': case 'q': case 'n': case 'U': case 'm': case 't': case 'T': break;
+      case 't': safe_cache = std::string(optarg) != "unsafe"; break;
+      case 'W': case 'q': case 'n': case 'U': case 'm': case 'T': break;
       default: usage();
     }
   }
@@ -550,86 +544,62 @@ int cmd_convert(int argc, char** argv) {
   create_image(dst_path, df, size, opts, target_backing, target_backing_fmt);
   auto dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt);
   auto* qdst = dynamic_cast<Qcow2Image*>(dst.get());
+  if (qdst && !safe_cache) qdst->set_unsafe_cache(true);
   auto* qbacking = qdst ? qdst->backing() : nullptr;
   uint64_t cluster = qdst ? qdst->cluster_size() : std::max<uint64_t>(sparse_size, 4096);
   if (compress && !qdst) die("compression needs the qcow2 output format");
   // Dirty-zero detection works on sparse_size granules within each chunk (qemu's -S).
   uint64_t granule = qdst ? cluster : std::max<uint64_t>(sparse_size, 512);
   const uint64_t chunk_size = std::max<uint64_t>(cluster, 2 << 20);
-  std::vector<uint8_t> buf(chunk_size), bbuf(qbacking ? chunk_size : 0);
   Progress bar("convert", size, progress ? ProgressStyle::Auto : ProgressStyle::Quiet);
 
-  // Compression workers.
+  // Workers take 2 MiB chunks in turn and carry each from the source to the target: reads,
+  // decompression and compression run on every core, while the formats' own locks keep metadata
+  // consistent.
+  std::atomic<uint64_t> next_chunk{0};
+  std::atomic<bool> failed{false};
   std::mutex mu;
-  std::condition_variable cv_work, cv_space;
-  std::deque<CompressJob> jobs;
-  std::vector<std::vector<uint8_t>> free_buffers;
-  bool done = false;
-  std::optional<Error> worker_error;
-  std::vector<std::thread> workers;
-  if (compress) {
-    unsigned n = std::max(1u, std::min(4u, std::thread::hardware_concurrency()));
-    for (unsigned i = 0; i < n; ++i) {
-      workers.emplace_back([&] {
-        while (true) {
-          CompressJob job;
-          {
-            std::unique_lock lk(mu);
-            cv_work.wait(lk, [&] { return done || !jobs.empty(); });
-            if (jobs.empty()) return;
-            job = std::move(jobs.front());
-            jobs.pop_front();
-            cv_space.notify_one();
-          }
-          auto r = qdst->write_compressed(job.offset, job.data);
-          std::lock_guard lk(mu);
-          if (!r && !worker_error) worker_error = r.error();
-          free_buffers.push_back(std::move(job.data));
-        }
-      });
-    }
-  }
-  auto fail_all = [&](const Error& e) {
-    {
-      std::lock_guard lk(mu);
-      done = true;
-    }
-    cv_work.notify_all();
-    for (auto& t : workers) t.join();
-    die(e.message());
-  };
-
-  uint64_t pos = 0;
-  while (pos < size) {
-    uint64_t n = std::min<uint64_t>(chunk_size, size - pos);
-    auto extents = src->block_status(pos, n);
-    if (!extents) fail_all(extents.error());
-    // Ranges to read: data extents widened to whole granules, merged.
+  std::optional<Error> first_error;
+  uint64_t progress_done = 0;
+  auto worker = [&] {
+    std::vector<uint8_t> buf(chunk_size), bbuf(qbacking ? chunk_size : 0);
     std::vector<std::pair<uint64_t, uint64_t>> ranges;
-    for (auto& e : *extents) {
-      if (!e.data || e.zero) {
-        // Reads as zeros: nothing to write to a fresh image, unless a backing file shows through.
-        if (qbacking) {
-          auto z = dst->write_zeroes(e.offset, e.length);
-          if (!z) fail_all(z.error());
+    auto record = [&](const Error& e) {
+      std::lock_guard lk(mu);
+      if (!first_error) first_error = e;
+      failed = true;
+    };
+    while (!failed) {
+      uint64_t pos = next_chunk.fetch_add(1) * chunk_size;
+      if (pos >= size) return;
+      uint64_t n = std::min<uint64_t>(chunk_size, size - pos);
+      auto extents = src->block_status(pos, n);
+      if (!extents) return record(extents.error());
+      // Ranges to read: data extents widened to whole granules, merged.
+      ranges.clear();
+      for (auto& e : *extents) {
+        if (!e.data || e.zero) {
+          // Reads as zeros: nothing to write to a fresh image, unless a backing file shows through.
+          if (qbacking) {
+            auto z = dst->write_zeroes(e.offset, e.length);
+            if (!z) return record(z.error());
+          }
+          continue;
         }
-        continue;
+        uint64_t a = e.offset / granule * granule;
+        uint64_t b = std::min((e.offset + e.length + granule - 1) / granule * granule, pos + n);
+        if (!ranges.empty() && ranges.back().second >= a) ranges.back().second = std::max(ranges.back().second, b);
+        else ranges.push_back({a, b});
       }
-      uint64_t a = e.offset / granule * granule;
-      uint64_t b = std::min((e.offset + e.length + granule - 1) / granule * granule, pos + n);
-      if (!ranges.empty() && ranges.back().second >= a) ranges.back().second = std::max(ranges.back().second, b);
-      else ranges.push_back({a, b});
-    }
-    for (auto [start, stop] : ranges) {
-      {
+      for (auto [start, stop] : ranges) {
         uint64_t len = stop - start;
         auto r = src->read(start, std::span<uint8_t>(buf.data(), len));
-        if (!r) fail_all(r.error());
+        if (!r) return record(r.error());
         if (qbacking) {
           uint64_t have = qbacking->size() > start ? std::min(len, qbacking->size() - start) : 0;
           if (have) {
             auto br = qbacking->read(start, std::span<uint8_t>(bbuf.data(), have));
-            if (!br) fail_all(br.error());
+            if (!br) return record(br.error());
           }
           std::memset(bbuf.data() + have, 0, len - have);
         }
@@ -650,43 +620,32 @@ int cmd_convert(int argc, char** argv) {
           if (compress) {
             for (uint64_t k = 0; k < run; k += cluster) {
               uint64_t cl = std::min<uint64_t>(cluster, run - k);
-              std::unique_lock lk(mu);
-              cv_space.wait(lk, [&] { return jobs.size() < 64 || worker_error; });
-              if (worker_error) {
-                Error e = *worker_error;
-                lk.unlock();
-                fail_all(e);
-              }
-              CompressJob job;
-              job.offset = start + g + k;
-              if (!free_buffers.empty()) {
-                job.data = std::move(free_buffers.back());
-                free_buffers.pop_back();
-              }
-              job.data.assign(buf.data() + g + k, buf.data() + g + k + cl);
-              jobs.push_back(std::move(job));
-              cv_work.notify_one();
+              auto w = qdst->write_compressed(start + g + k, std::span<const uint8_t>(buf.data() + g + k, cl));
+              if (!w) return record(w.error());
             }
           } else {
             auto w = dst->write(start + g, std::span<const uint8_t>(buf.data() + g, run));
-            if (!w) fail_all(w.error());
+            if (!w) return record(w.error());
           }
           g += run;
         }
       }
+      if (progress) {
+        std::lock_guard lk(mu);
+        progress_done += n;
+        bar.update(progress_done);
+      }
     }
-    pos += n;
-    bar.update(pos);
-  }
-  {
-    std::lock_guard lk(mu);
-    done = true;
-  }
-  cv_work.notify_all();
-  for (auto& t : workers) t.join();
-  if (worker_error) die(worker_error->message());
+  };
+  // More threads than cores: compression and decompression are CPU-bound, and I/O waits overlap.
+  unsigned nthreads = std::clamp(std::thread::hardware_concurrency() * (compress ? 4 : 2), 4u, 16u);
+  std::vector<std::thread> threads;
+  for (unsigned i = 1; i < nthreads; ++i) threads.emplace_back(worker);
+  worker();
+  for (auto& t : threads) t.join();
+  if (first_error) die(first_error->message());
   if (qdst) must(qdst->close());
-  else must(dst->flush());
+  else if (safe_cache) must(dst->flush());
   bar.finish();
   return 0;
 }
@@ -940,7 +899,7 @@ int cmd_commit(int argc, char** argv) {
     pos += n;
   }
   must(base->flush());
-  if (!keep) must(top->discard(0, top->size()));
+  if (!keep) must(top->make_empty());
   must(top->close());
   std::printf("Image committed.\n");
   return 0;
@@ -1075,8 +1034,9 @@ int cmd_measure(int argc, char** argv) {
         if (n == 0) break;
       }
     }
-    required = meta(src ? allocated : 0);
+    // As qemu-img: the metadata of a fully allocated image, plus the data actually there.
     full = meta((virtual_size + cs - 1) / cs * cs);
+    required = full - (virtual_size + cs - 1) / cs * cs + (src ? allocated : 0);
   } else {
     die("measure supports the raw and qcow2 output formats");
   }
@@ -1098,10 +1058,12 @@ int cmd_measure(int argc, char** argv) {
 // flight), issued from `depth` threads over one shared BlockDevice.
 int cmd_bench(int argc, char** argv) {
   static option longopts[] = {{"pattern", required_argument, nullptr, OPT_PATTERN},
+                              {"flush-interval", required_argument, nullptr, OPT_FLUSH_INTERVAL},
+                              {"mixed", no_argument, nullptr, OPT_MIXED},
                               {nullptr, 0, nullptr, 0}};
   std::string fmt;
-  uint64_t count = 75000, depth = 64, size = 4096, step = 0, offset = 0;
-  bool write = false, random = false, flush_at_end = true;
+  uint64_t count = 75000, depth = 64, size = 4096, step = 0, offset = 0, flush_interval = 0;
+  bool write = false, random = false, flush_at_end = true, mixed = false;
   int c;
   while ((c = getopt_long(argc, argv, "c:d:s:S:o:wf:t:i:nqU", longopts, nullptr)) != -1) {
     switch (c) {
@@ -1113,6 +1075,8 @@ int cmd_bench(int argc, char** argv) {
       case 'w': write = true; break;
       case 'f': fmt = optarg; break;
       case OPT_PATTERN: random = std::string(optarg) == "random"; break;
+      case OPT_FLUSH_INTERVAL: flush_interval = std::strtoull(optarg, nullptr, 10); break;
+      case OPT_MIXED: mixed = true; write = true; random = true; break;
       case 't': case 'i': case 'n': case 'q': case 'U': break;
       default: usage();
     }
@@ -1139,7 +1103,29 @@ int cmd_bench(int argc, char** argv) {
         if (i >= count || failed) return;
         uint64_t off = random ? offset + (rng() % slots) * size : offset + (i * step) % (slots * size);
         if (off + size > dev->size()) off = offset;
-        auto r = write ? dev->write(off, buf) : dev->read(off, buf);
+        Result<void> r;
+        if (mixed) {
+          // Stress mix for crash tests: unaligned writes, zeroes, discards, compressed clusters.
+          uint64_t kind = rng() % 10;
+          uint64_t len = 1 + rng() % (size * 4);
+          off = rng() % dev->size();
+          len = std::min(len, dev->size() - off);
+          if (buf.size() < len) buf.resize(len, static_cast<uint8_t>(i));
+          auto* q = dynamic_cast<Qcow2Image*>(dev.get());
+          if (kind < 6) r = dev->write(off, std::span<const uint8_t>(buf.data(), len));
+          else if (kind < 7) r = dev->write_zeroes(off, len);
+          else if (kind < 8) r = dev->discard(off, len);
+          else if (q) {
+            uint64_t cs = q->cluster_size();
+            uint64_t coff = off / cs * cs;
+            uint64_t clen = std::min<uint64_t>(cs, dev->size() - coff);
+            if (buf.size() < cs) buf.resize(cs, 1);
+            r = q->write_compressed(coff, std::span<const uint8_t>(buf.data(), clen));
+          } else r = dev->write(off, std::span<const uint8_t>(buf.data(), len));
+        } else {
+          r = write ? dev->write(off, buf) : dev->read(off, buf);
+        }
+        if (r && flush_interval && write && i % flush_interval == flush_interval - 1) r = dev->flush();
         if (!r) {
           std::fprintf(stderr, "keel-img: %s\n", r.error().message().c_str());
           failed = true;
@@ -1159,14 +1145,18 @@ int cmd_serve(int argc, char** argv) {
                               {"port", required_argument, nullptr, OPT_PORT},
                               {"read-only", no_argument, nullptr, OPT_READ_ONLY},
                               {"shared", required_argument, nullptr, OPT_SHARED},
+                              {"persistent", no_argument, nullptr, 't'},
+                              {"export-name", required_argument, nullptr, 'x'},
                               {nullptr, 0, nullptr, 0}};
   NbdServerOptions so;
   std::string fmt;
   bool read_only = false;
   int c;
-  while ((c = getopt_long(argc, argv, "f:", longopts, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, "f:tx:", longopts, nullptr)) != -1) {
     switch (c) {
       case 'f': fmt = optarg; break;
+      case 't': so.persistent = true; break;
+      case 'x': so.export_name = optarg; break;
       case OPT_SOCKET: so.socket_path = optarg; break;
       case OPT_PORT: so.port = std::atoi(optarg); break;
       case OPT_READ_ONLY: read_only = true; break;

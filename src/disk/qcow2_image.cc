@@ -12,6 +12,7 @@
 #include <ctime>
 #include <filesystem>
 #include <map>
+#include <tuple>
 
 #include "base/log.h"
 #include "disk/endian.h"
@@ -67,6 +68,7 @@ struct Scratch {
   }
 };
 thread_local Scratch t_scratch;
+thread_local std::vector<std::tuple<const void*, uint64_t, const uint8_t*, size_t>> t_deferred;
 
 uint8_t* scratch_buffer(std::vector<uint8_t>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -110,7 +112,7 @@ Result<void> Qcow2Image::close() {
   if (read_only_ || !fd_) return ok();
   std::lock_guard lock(mutex_);
   TRY(flush_metadata());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   return ok();
 }
 
@@ -409,7 +411,10 @@ Result<void> Qcow2Image::load_snapshots() {
 
 Result<void> Qcow2Image::cache_write_slot(TableSlot& slot, bool is_l2) {
   if (!slot.dirty) return ok();
-  if (is_l2) TRY(ensure_refcounts_before_l2());
+  if (is_l2) {
+    wait_for_deferred_writes();
+    TRY(ensure_refcounts_before_l2());
+  }
   TRY(pwrite_meta(slot.data.data(), cluster_size_, slot.offset, is_l2 ? "L2 table" : "refcount block"));
   slot.dirty = false;
   return ok();
@@ -420,7 +425,7 @@ Result<void> Qcow2Image::ensure_refcounts_before_l2() {
   for (auto& s : rb_cache_.slots) any = any || s.dirty;
   if (!any) return ok();
   TRY(flush_refcounts());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   return ok();
 }
 
@@ -644,12 +649,12 @@ Result<void> Qcow2Image::relocate_refcount_table() {
   std::vector<uint8_t> buf(clusters * cluster_size_, 0);
   for (size_t i = 0; i < rt_.size(); ++i) store_be64(buf.data() + i * 8, rt_[i]);
   TRY(pwrite_meta(buf.data(), buf.size(), offset, "refcount table"));
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   uint8_t h[12];
   store_be64(h, offset);
   store_be32(h + 8, static_cast<uint32_t>(clusters));
   TRY(pwrite_meta(h, sizeof(h), 48, "header"));
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   rt_offset_ = offset;
   rt_clusters_ = static_cast<uint32_t>(clusters);
   rt_dirty_ = false;
@@ -659,6 +664,7 @@ Result<void> Qcow2Image::relocate_refcount_table() {
 
 Result<void> Qcow2Image::flush_metadata() {
   if (read_only_) return ok();
+  wait_for_deferred_writes();
   TRY(ensure_refcounts_before_l2());
   bool wrote = false;
   for (auto& s : l2_cache_.slots)
@@ -667,18 +673,58 @@ Result<void> Qcow2Image::flush_metadata() {
       wrote = true;
     }
   if (l1_dirty_) {
-    if (wrote && ::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+    if (wrote) TRY(sync_file());
     TRY(write_l1());
     wrote = true;
   }
   if (!pending_frees_.empty()) {
-    if (wrote && ::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+    if (wrote) TRY(sync_file());
     auto frees = std::move(pending_frees_);
     pending_frees_.clear();
     for (auto& [off, bytes] : frees) TRY(free_now(off, bytes));
     TRY(flush_refcounts());
   }
   return ok();
+}
+
+Result<void> Qcow2Image::sync_file() {
+  if (unsafe_cache_) return ok();
+  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  return ok();
+}
+
+void Qcow2Image::defer_write(uint64_t host, const uint8_t* data, size_t length) {
+  inflight_.fetch_add(1);
+  t_deferred.emplace_back(this, host, data, length);
+}
+
+Result<void> Qcow2Image::run_deferred_writes() {
+  Result<void> result = ok();
+  for (auto& [owner, host, data, length] : t_deferred) {
+    if (owner != this) continue;
+    if (result) {
+      auto r = pwrite_all(fd_.get(), data, length, static_cast<off_t>(host));
+      if (!r) result = fail(r.error().with_context(fmt::format("write {} at host offset {}", path_, hex(host))));
+    }
+    {
+      std::lock_guard lk(inflight_mutex_);
+      inflight_.fetch_sub(1);
+    }
+    inflight_cv_.notify_all();
+  }
+  std::erase_if(t_deferred, [this](auto& d) { return std::get<0>(d) == this; });
+  return result;
+}
+
+void Qcow2Image::wait_for_deferred_writes() {
+  if (inflight_.load() == 0) return;
+  // Our own thread's writes first (never wait on ourselves).
+  if (!t_deferred.empty()) {
+    auto r = run_deferred_writes();
+    if (!r) KEEL_LOG_ERROR("{}", r.error().message());
+  }
+  std::unique_lock lk(inflight_mutex_);
+  inflight_cv_.wait(lk, [this] { return inflight_.load() == 0; });
 }
 
 Result<void> Qcow2Image::write_l1() {
@@ -1072,7 +1118,7 @@ Result<void> Qcow2Image::write(uint64_t offset, std::span<const uint8_t> data) {
     Run run;
     bool in_place = false;
     {
-      std::lock_guard lock(mutex_);
+      std::unique_lock lock(mutex_);
       uint64_t l1_index = pos >> (cluster_bits_ + l2_bits_);
       uint64_t l2_index = (pos >> cluster_bits_) & ((1ULL << l2_bits_) - 1);
       if ((l1_[l1_index] & kOflagCopied) && (l1_[l1_index] & kL1OffsetMask)) {
@@ -1103,7 +1149,11 @@ Result<void> Qcow2Image::write(uint64_t offset, std::span<const uint8_t> data) {
         // Allocating write: everything under the lock, up to the end of this L2 table.
         uint64_t table_end = ((pos >> (cluster_bits_ + l2_bits_)) + 1) << (cluster_bits_ + l2_bits_);
         uint64_t n = std::min<uint64_t>(data.size() - done, table_end - pos);
-        TRY(write_locked(pos, data.subspan(done, n)));
+        auto r = write_locked(pos, data.subspan(done, n));
+        lock.unlock();
+        auto d = run_deferred_writes();
+        if (!r) return r;
+        if (!d) return d;
         done += n;
         continue;
       }
@@ -1164,7 +1214,7 @@ Result<void> Qcow2Image::write_locked(uint64_t offset, std::span<const uint8_t> 
     // The allocation may have evicted our table from the cache: fetch it again.
     table = TRY(get_l2(l1_index, true));
     if (whole >= 1) {
-      TRY(pwrite_all(fd_.get(), data.data() + done, got * cluster_size_, static_cast<off_t>(host)));
+      defer_write(host, data.data() + done, got * cluster_size_);
     } else {
       got = 1;
       // What the cluster reads as now, with the write laid over it.
@@ -1194,7 +1244,8 @@ Result<void> Qcow2Image::write_locked(uint64_t offset, std::span<const uint8_t> 
 Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8_t> data) {
   if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
   TRY(check_range(offset, data.size(), "write"));
-  if (offset % cluster_size_ || (data.size() != cluster_size_ && offset + data.size() != size_))
+  if (offset % cluster_size_ || data.size() > cluster_size_ ||
+      (data.size() != cluster_size_ && offset + cluster_size_ < size_))
     return fail_invalid("{}: compressed writes must cover one whole cluster", path_);
   const uint8_t* src = data.data();
   std::vector<uint8_t> padded;
@@ -1231,7 +1282,17 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8
   }
   if (out_len == 0) return write(offset, data);  // did not shrink: store it plain
 
-  std::lock_guard lock(mutex_);
+  Result<void> placed;
+  {
+    std::lock_guard lock(mutex_);
+    placed = place_compressed(offset, out, out_len);
+  }
+  auto written = run_deferred_writes();
+  if (!placed) return placed;
+  return written;
+}
+
+Result<void> Qcow2Image::place_compressed(uint64_t offset, const uint8_t* out, size_t out_len) {
   uint64_t l1_index = offset >> (cluster_bits_ + l2_bits_);
   uint64_t l2_index = (offset >> cluster_bits_) & ((1ULL << l2_bits_) - 1);
   uint8_t* table = TRY(get_l2(l1_index, true));
@@ -1266,7 +1327,6 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8
   }
   compressed_next_ = start + out_len;
   if (compressed_next_ == compressed_end_) compressed_next_ = compressed_end_ = 0;
-  TRY(pwrite_all(fd_.get(), out, out_len, static_cast<off_t>(start)));
   uint64_t nb_sectors = ((start + out_len - 1) >> 9) - (start >> 9);
   table = TRY(get_l2(l1_index, true));
   uint64_t old = l2_entry(table, l2_index);
@@ -1279,16 +1339,17 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8
   }
   set_l2_entry(table, l2_index, kOflagCompressed | (nb_sectors << csize_shift_) | start);
   l2_cache_.slots[l2_cache_.index[l1_[l1_index] & kL1OffsetMask]].dirty = true;
+  defer_write(start, out, out_len);
   return ok();
 }
 
-Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool discard) {
+Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool unallocate) {
   // offset and length are cluster aligned (length may end at the disk's end).
   uint64_t pos = offset, end = offset + length;
   while (pos < end) {
     uint64_t l1_index = pos >> (cluster_bits_ + l2_bits_);
     uint64_t l2_index = (pos >> cluster_bits_) & ((1ULL << l2_bits_) - 1);
-    bool can_unmap = !backing_;
+    bool can_unmap = !backing_ || unallocate;
     uint8_t* table = TRY(get_l2(l1_index, false));
     uint64_t e = table ? l2_entry(table, l2_index) : 0;
     uint64_t want = can_unmap ? 0 : kOflagZero;
@@ -1307,7 +1368,6 @@ Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool 
       set_l2_entry(table, l2_index, want);
       l2_cache_.slots[l2_cache_.index[l1_[l1_index] & kL1OffsetMask]].dirty = true;
     }
-    (void)discard;
     pos += cluster_size_;
   }
   return ok();
@@ -1348,14 +1408,29 @@ Result<void> Qcow2Image::discard(uint64_t offset, uint64_t length) {
   if (a >= b) return ok();  // a hint: partial clusters are left alone
   if (version_ < 3 && backing_) return ok();
   std::lock_guard lock(mutex_);
-  return set_zero_locked(a, b - a, true);
+  return set_zero_locked(a, b - a, false);
+}
+
+Result<void> Qcow2Image::make_empty() {
+  if (read_only_) return fail(EROFS, path_ + ": image is open read-only");
+  std::lock_guard lock(mutex_);
+  uint64_t coverage = uint64_t{1} << (cluster_bits_ + l2_bits_);
+  for (uint64_t i = 0; i < l1_.size(); ++i) {
+    if (!(l1_[i] & kL1OffsetMask)) continue;
+    uint64_t start = i * coverage;
+    if (start >= size_) break;
+    TRY(set_zero_locked(start, std::min(coverage, size_ - start), true));
+  }
+  TRY(flush_metadata());
+  TRY(sync_file());
+  return ok();
 }
 
 Result<void> Qcow2Image::flush() {
   if (read_only_) return ok();
   std::lock_guard lock(mutex_);
   TRY(flush_metadata());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   return ok();
 }
 

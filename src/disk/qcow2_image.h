@@ -13,6 +13,8 @@
 #pragma once
 
 #include <cstdint>
+#include <atomic>
+#include <condition_variable>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -104,7 +106,14 @@ public:
   // Flushes metadata, and returns the first error; the destructor does the same but can only log.
   Result<void> close();
 
+  // Unsafe cache (qemu-img convert's default for its output): metadata is still written in a
+  // crash-safe order, but nothing is synced to stable storage, so a power loss (not a process
+  // crash) can lose more than leaks. For scratch output only.
+  void set_unsafe_cache(bool unsafe) { unsafe_cache_ = unsafe; }
+
   Result<CheckResult> check(RepairMode repair);
+  // Drops every cluster of the active layer, so the backing file shows through (commit).
+  Result<void> make_empty();
   Result<void> resize(uint64_t new_size);
 
   // Internal snapshots.
@@ -183,6 +192,7 @@ private:
   Result<void> flush_refcounts();
   Result<void> relocate_refcount_table();
   Result<void> flush_metadata();
+  Result<void> sync_file();
 
   // Data path.
   Result<Run> resolve(uint64_t offset, uint64_t max_length);
@@ -193,7 +203,8 @@ private:
   // Reads what a cluster of this image reads as now (for copy-on-write), under the lock.
   Result<void> read_cluster_locked(uint64_t cluster_voffset, uint8_t* out);
   Result<void> write_locked(uint64_t offset, std::span<const uint8_t> data);
-  Result<void> set_zero_locked(uint64_t offset, uint64_t length, bool discard);
+  Result<void> place_compressed(uint64_t offset, const uint8_t* out, size_t out_len);
+  Result<void> set_zero_locked(uint64_t offset, uint64_t length, bool unallocate);
   Result<void> check_range(uint64_t offset, uint64_t length, const char* op) const;
   Result<void> check_host_offset(uint64_t host, uint64_t voffset) const;
   Result<void> pread_meta(void* buf, size_t len, uint64_t offset, const char* what);
@@ -250,7 +261,22 @@ private:
   uint64_t free_hint_ = 0;
   uint64_t compressed_next_ = 0;  // next free byte in the current compressed-data cluster
   uint64_t compressed_end_ = 0;
+  // Data writes reserved under the lock but issued after it (so threads do not queue behind each
+  // other's I/O). No L2 table is written while any is in flight: an entry never reaches the file
+  // before the data it points to.
+  struct DeferredWrite {
+    uint64_t host;
+    const uint8_t* data;
+    size_t length;
+  };
+  void defer_write(uint64_t host, const uint8_t* data, size_t length);
+  Result<void> run_deferred_writes();
+  void wait_for_deferred_writes();
+  std::atomic<int> inflight_{0};
+  std::mutex inflight_mutex_;
+  std::condition_variable inflight_cv_;
   bool closed_ = false;
+  bool unsafe_cache_ = false;
 
   std::vector<Qcow2Snapshot> snapshots_;
   std::unique_ptr<BlockDevice> backing_;

@@ -17,7 +17,6 @@ namespace {
 
 constexpr uint64_t kOflagCopied = 1ULL << 63;
 constexpr uint64_t kOflagCompressed = 1ULL << 62;
-constexpr uint64_t kOflagZero = 1ULL;
 constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kRtOffsetMask = 0xfffffffffffffe00ULL;
@@ -353,13 +352,13 @@ Result<CheckResult> Qcow2Image::check(RepairMode repair) {
       }
     }
     TRY(flush_refcounts());
-    if (repair == RepairMode::All && (incompat_ & 1) && res.corruptions_fixed == res.corruptions) {
+    if (repair == RepairMode::All && (incompat_ & 1) && res.corruptions_fixed == under.size()) {
       incompat_ &= ~1ULL;
       uint8_t b[8];
       store_be64(b, incompat_);
       TRY(pwrite_meta(b, 8, 72, "header"));
     }
-    if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+    TRY(sync_file());
     res.leaks -= std::min(res.leaks, res.leaks_fixed);
     res.corruptions -= std::min(res.corruptions, res.corruptions_fixed);
   }
@@ -386,7 +385,7 @@ Result<void> Qcow2Image::set_backing(const std::string& backing_file, const std:
   store_be64(hc.data() + 8, off);
   store_be32(hc.data() + 16, static_cast<uint32_t>(off ? backing_file.size() : 0));
   TRY(pwrite_meta(hc.data(), cluster_size_, 0, "header"));
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   backing_file_ = backing_file;
   backing_format_ = backing_file.empty() ? "" : backing_format;
   return ok();
@@ -435,11 +434,11 @@ Result<void> Qcow2Image::resize(uint64_t new_size) {
     uint64_t got = 0;
     uint64_t off = TRY(allocate_clusters(clusters, clusters, &got));
     TRY(flush_refcounts());
-    if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+    TRY(sync_file());
     std::vector<uint8_t> buf(clusters * cluster_size_, 0);
     for (size_t i = 0; i < l1_.size(); ++i) store_be64(buf.data() + i * 8, l1_[i]);
     TRY(pwrite_meta(buf.data(), buf.size(), off, "L1 table"));
-    if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+    TRY(sync_file());
     uint64_t old_off = l1_offset_;
     uint64_t old_bytes = l1_.size() * 8;
     l1_.resize(l1_needed, 0);
@@ -452,7 +451,7 @@ Result<void> Qcow2Image::resize(uint64_t new_size) {
     store_be32(h + 12, l1_size_);
     store_be64(h + 16, l1_offset_);
     TRY(pwrite_meta(h, sizeof(h), 24, "header"));
-    if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+    TRY(sync_file());
     if (old_bytes) TRY(free_now(old_off, old_bytes));
     TRY(flush_refcounts());
   } else {
@@ -461,7 +460,7 @@ Result<void> Qcow2Image::resize(uint64_t new_size) {
     store_be64(h, size_);
     TRY(pwrite_meta(h, sizeof(h), 24, "header"));
   }
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   return ok();
 }
 
@@ -566,12 +565,12 @@ Result<void> Qcow2Image::write_snapshot_table(std::vector<Qcow2Snapshot> snaps) 
     TRY(flush_refcounts());
     TRY(pwrite_meta(buf.data(), buf.size(), new_off, "snapshot table"));
   }
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   uint8_t h[12];
   store_be32(h, static_cast<uint32_t>(snaps.size()));
   store_be64(h + 4, new_off);
   TRY(pwrite_meta(h, sizeof(h), 60, "header"));
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   if (nb_snapshots_ && old_bytes) TRY(free_now(old_off, old_bytes));
   snapshots_ = std::move(snaps);
   nb_snapshots_ = static_cast<uint32_t>(snapshots_.size());
@@ -625,7 +624,7 @@ Result<void> Qcow2Image::snapshot_create(const std::string& name) {
   snaps.push_back(s);
   TRY(write_snapshot_table(std::move(snaps)));
   TRY(flush_metadata());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   return ok();
 }
 
@@ -643,7 +642,7 @@ Result<void> Qcow2Image::snapshot_delete(const std::string& key) {
   TRY(update_tree_refcounts(s.l1_offset, s.l1_size, -1, true));
   if (s.l1_size) TRY(free_now(s.l1_offset, uint64_t{s.l1_size} * 8));
   TRY(flush_metadata());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   return ok();
 }
 
@@ -659,7 +658,7 @@ Result<void> Qcow2Image::snapshot_apply(const std::string& key) {
   TRY(flush_metadata());
   TRY(update_tree_refcounts(s.l1_offset, s.l1_size, +1, false));
   TRY(flush_refcounts());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   uint32_t old_size = l1_size_;
   std::vector<uint64_t> old_l1 = l1_;
   std::vector<uint8_t> buf(uint64_t{s.l1_size} * 8);
@@ -668,7 +667,7 @@ Result<void> Qcow2Image::snapshot_apply(const std::string& key) {
   for (uint32_t i = 0; i < s.l1_size; ++i) new_l1[i] = load_be64(buf.data() + i * 8) & ~kOflagCopied;
   l1_ = new_l1;
   TRY(write_l1());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   // Drop the references the old active tree held.
   std::vector<uint64_t> saved = l1_;
   l1_ = old_l1;
@@ -686,7 +685,7 @@ Result<void> Qcow2Image::snapshot_apply(const std::string& key) {
     TRY(pwrite_meta(h, sizeof(h), 24, "header"));
   }
   TRY(flush_metadata());
-  if (::fdatasync(fd_.get()) < 0) return fail_errno("fdatasync " + path_);
+  TRY(sync_file());
   return ok();
 }
 

@@ -212,6 +212,30 @@ def main():
             qemu_io(mine, "write -P 0x12 4096 100000")
             compare_read(tmp, mine, f"reread keel preallocation={mode}")
 
+        # VMDK: what qemu-img writes, keel-img reads; what keel-img writes, qemu-img reads.
+        for sub in ["monolithicSparse", "streamOptimized", "monolithicFlat", "twoGbMaxExtentSparse"]:
+            vdir = os.path.join(tmp, f"vmdk-{sub}")
+            os.mkdir(vdir)
+            v = os.path.join(vdir, "disk.vmdk")
+            run(QEMU_IMG, "convert", "-O", "vmdk", "-o", f"subformat={sub}", src, v)
+            out = os.path.join(tmp, "vmdk.raw")
+            p = run(KEEL, "convert", "-O", "raw", v, out, check=False)
+            expect(p.returncode == 0, f"vmdk {sub}: keel-img reads it: {p.stderr.strip()}")
+            if p.returncode == 0:
+                expect(read_raw(out)[:size] == read_raw(src), f"vmdk {sub}: keel-img reads what was written")
+            info = run(KEEL, "info", "--output=json", v, check=False).stdout
+            expect(info and json.loads(info)["format-specific"]["data"]["create-type"] == sub, f"vmdk {sub}: create type")
+        for sub in ["monolithicSparse", "streamOptimized"]:
+            v = os.path.join(tmp, f"keel-{sub}.vmdk")
+            p = run(KEEL, "convert", "-O", "vmdk", "-o", f"subformat={sub}", src, v, check=False)
+            expect(p.returncode == 0, f"keel-img writes vmdk {sub}: {p.stderr.strip()}")
+            q = run(QEMU_IMG, "check", v, check=False)
+            expect(q.returncode == 0, f"qemu-img check of keel's vmdk {sub}: {q.stdout} {q.stderr}")
+            q = run(QEMU_IMG, "compare", src, v, check=False)
+            expect(q.returncode == 0, f"qemu-img compare of keel's vmdk {sub}: {q.stdout} {q.stderr}")
+            info = json.loads(run(QEMU_IMG, "info", "--output=json", v).stdout)
+            expect(info["format-specific"]["data"]["create-type"] == sub, f"qemu-img sees create type {sub}")
+
     print(f"{passed} passed, {len(failures)} failed")
     return 1 if failures else 0
 
