@@ -160,7 +160,7 @@ private:
         pos_++;
         LvmSection child;
         TRY(parse_items(child, depth + 1, false));
-        section.sections.emplace_back(std::move(name), std::move(child));
+        section.sections.push_back(LvmNamedSection{std::move(name), std::move(child)});
       } else {
         return error("expected '=' or '{' after " + name);
       }
@@ -271,7 +271,9 @@ LvmAssembly assemble_volume_groups(const std::vector<LvmPhysicalVolume>& pvs) {
       out.warnings.push_back(pv.device_name + ": " + doc.error().message());
       continue;
     }
-    for (auto& [name, section] : doc->sections) {
+    for (auto& named : doc->sections) {
+      const std::string& name = named.name;
+      const LvmSection& section = named.section;
       int64_t seqno = section.integer("seqno").value_or(0);
       auto it = std::find_if(vgs.begin(), vgs.end(), [&](const Vg& v) { return v.name == name; });
       if (it == vgs.end()) {

@@ -21,13 +21,18 @@ namespace keel::guestfs {
 struct LvmValue {
   std::variant<int64_t, std::string, std::vector<LvmValue>> value;
 };
+struct LvmNamedSection;
 struct LvmSection {
   std::vector<std::pair<std::string, LvmValue>> values;
-  std::vector<std::pair<std::string, LvmSection>> sections;
+  std::vector<LvmNamedSection> sections;
   const LvmValue* find(std::string_view key) const;
   const LvmSection* section(std::string_view key) const;
   std::optional<int64_t> integer(std::string_view key) const;
   std::optional<std::string> string(std::string_view key) const;
+};
+struct LvmNamedSection {
+  std::string name;
+  LvmSection section;
 };
 // Parses metadata text; errors say where the text went wrong. Fuzzed.
 Result<LvmSection> parse_lvm_text(std::string_view text);
