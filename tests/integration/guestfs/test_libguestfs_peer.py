@@ -36,12 +36,25 @@ stat /srv/new/note.txt
 ls /srv/new/etc
 cat /etc/hostname
 ls /etc/ssh
+statvfs /
+statvfs /boot
 """
 theirs = run(["guestfish", "--ro", "-a", deb, "-i"], input=script.encode(), env=env).stdout.decode()
 check(theirs.startswith("written by keel-fish\n"), "libguestfs reads a file keel-fish wrote")
 check("mode: 33152\n" in theirs, "libguestfs sees keel-fish's chmod 0600")
 check("conf.d" not in theirs and "motd\n" in theirs, "libguestfs sees the copied-in tree, without the removed part")
 check("peer-check\n" in theirs and "sshd_config\nssh_host" not in theirs, "libguestfs sees sysprep's changes")
+
+# Free-space figures: the kernel's statfs (through libguestfs) against keel-fish's.
+def statvfs_blocks(text):
+    out = []
+    for block in text.split("bsize: ")[1:]:
+        fields = dict(l.split(": ", 1) for l in ("bsize: " + block).splitlines() if ": " in l)
+        out.append({k: int(fields[k]) for k in ("bsize", "blocks", "bfree", "bavail", "files", "ffree")})
+    return out
+ours_stat = fish("--ro", "-a", deb, "-i", "statvfs", "/", ":", "statvfs", "/boot").stdout.decode()
+check(statvfs_blocks(ours_stat) == statvfs_blocks(theirs),
+      f"statvfs / and /boot agree with the kernel's: {statvfs_blocks(ours_stat)} vs {statvfs_blocks(theirs)}")
 
 # The guest's XML, after those writes: keel-fish inspect against virt-inspector.
 ours = fish("inspect", "-a", deb).stdout
