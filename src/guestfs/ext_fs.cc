@@ -633,8 +633,8 @@ private:
       if (part == "..") return fail(EINVAL, path + ": unexpected '..'");
       ext2_ino_t next = 0;
       errcode_t err = ext2fs_lookup(fs_, ino, part.c_str(), int(part.size()), nullptr, &next);
-      if (err == EXT2_ET_FILE_NOT_FOUND) return fail(ENOENT, "No such file or directory");
-      if (err == EXT2_ET_NO_DIRECTORY) return fail(ENOTDIR, "Not a directory");
+      if (err == EXT2_ET_FILE_NOT_FOUND) return fail(ENOENT, path + ": No such file or directory");
+      if (err == EXT2_ET_NO_DIRECTORY) return fail(ENOTDIR, path + ": Not a directory");
       if (err) return ext_error(err, "look up " + path);
       if (next == 0 || next > fs_->super->s_inodes_count) return fail(EIO, path + ": directory entry has a bad inode number");
       ino = next;

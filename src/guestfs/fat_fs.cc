@@ -726,13 +726,13 @@ private:
     for (size_t i = 0; i < parts.size(); i++) {
       auto entries = TRY(read_entries(dir));
       auto it = std::find_if(entries.begin(), entries.end(), [&](const FatEntry& e) { return names_equal(e.name, parts[i]); });
-      if (it == entries.end()) return fail(ENOENT, "No such file or directory");
+      if (it == entries.end()) return fail(ENOENT, path + ": No such file or directory");
       if (i + 1 == parts.size()) {
         loc.parent = dir;
         loc.entry = *it;
         return loc;
       }
-      if (!it->is_dir()) return fail(ENOTDIR, "Not a directory");
+      if (!it->is_dir()) return fail(ENOTDIR, path + ": Not a directory");
       dir = DirRef{false, it->cluster};
     }
     return loc;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <ctime>
+#include <cstring>
 #include <deque>
 
 #include "guestfs/devices.h"
@@ -286,7 +287,9 @@ Result<ResolvedPath> Guest::resolve(const std::string& path, Follow follow) {
     auto st = raw_lstat(candidate);
     if (!st) {
       if (st.error().code() == ENOENT && last) break;  // a path to create
-      return fail(st.error().code(), path + ": " + st.error().message());
+      if (st.error().code() == ENOENT || st.error().code() == ENOTDIR)
+        return fail(st.error().code(), path + ": " + std::strerror(st.error().code()));
+      return tl::unexpected(st.error());
     }
     if (st->type() == FileType::Symlink) {
       if (++follows > kMaxSymlinkFollows) return fail(ELOOP, path + ": too many levels of symbolic links");
@@ -311,12 +314,12 @@ Result<ResolvedPath> Guest::resolve(const std::string& path, Follow follow) {
 
 Result<FileStat> Guest::lstat(const std::string& path) {
   auto r = TRY(resolve(path, Follow::NotLast));
-  return TRY_CTX(r.fs->lstat(r.fs_path), path);
+  return r.fs->lstat(r.fs_path);
 }
 
 Result<FileStat> Guest::stat(const std::string& path) {
   auto r = TRY(resolve(path, Follow::Last));
-  return TRY_CTX(r.fs->lstat(r.fs_path), path);
+  return r.fs->lstat(r.fs_path);
 }
 
 Result<std::vector<DirEntry>> Guest::readdir(const std::string& path) {
@@ -352,7 +355,7 @@ Result<bool> Guest::is_file(const std::string& path) {
 
 Result<std::string> Guest::read_file(const std::string& path, uint64_t limit) {
   auto r = TRY(resolve(path, Follow::Last));
-  auto st = TRY_CTX(r.fs->lstat(r.fs_path), path);
+  auto st = TRY(r.fs->lstat(r.fs_path));
   if (st.type() == FileType::Directory) return fail(EISDIR, path + ": is a directory");
   if (st.type() != FileType::Regular) return fail(EINVAL, path + ": not a regular file");
   if (st.size > limit) return fail(EFBIG, fmt::format("{}: file is too large ({} bytes)", path, st.size));
@@ -368,7 +371,7 @@ Result<std::string> Guest::read_file(const std::string& path, uint64_t limit) {
 Result<void> Guest::read_stream(const std::string& path, uint64_t offset, uint64_t length,
                                 const std::function<Result<void>(std::span<const uint8_t>)>& sink) {
   auto r = TRY(resolve(path, Follow::Last));
-  auto st = TRY_CTX(r.fs->lstat(r.fs_path), path);
+  auto st = TRY(r.fs->lstat(r.fs_path));
   if (st.type() == FileType::Directory) return fail(EISDIR, path + ": is a directory");
   if (st.type() != FileType::Regular) return fail(EINVAL, path + ": not a regular file");
   return r.fs->read(r.fs_path, offset, length, sink);

@@ -349,7 +349,57 @@ Result<void> mount_os(Guest& guest, const OsInfo& os, bool read_only) {
   return ok();
 }
 
+namespace {
+
+// Where virt-inspector looks for each distribution's logo.
+std::vector<std::string> icon_paths(const std::string& distro) {
+  if (distro == "debian") return {"/usr/share/pixmaps/debian-logo.png"};
+  if (distro == "ubuntu") return {"/usr/share/icons/hicolor/48x48/apps/ubuntu-logo-icon.png"};
+  if (distro == "fedora") return {"/usr/share/icons/hicolor/32x32/apps/fedora-logo-icon.png"};
+  if (distro == "rhel" || distro == "centos" || distro == "rocky" || distro == "almalinux")
+    return {"/usr/share/pixmaps/redhat-logo.png", "/usr/share/icons/hicolor/32x32/apps/fedora-logo-icon.png"};
+  if (distro == "opensuse" || distro == "sles") return {"/usr/share/icons/hicolor/24x24/apps/distributor.png"};
+  if (distro == "alpine") return {"/etc/alpine-release.png"};
+  return {};
+}
+
+std::string base64_lines(std::string_view data) {
+  // As virt-inspector writes it: 72 characters a line, lines ending in CR LF.
+  static const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string flat;
+  size_t i = 0;
+  for (; i + 2 < data.size(); i += 3) {
+    uint32_t v = (uint32_t(uint8_t(data[i])) << 16) | (uint32_t(uint8_t(data[i + 1])) << 8) | uint8_t(data[i + 2]);
+    for (int k = 3; k >= 0; k--) flat.push_back(alphabet[(v >> (6 * k)) & 63]);
+  }
+  if (i < data.size()) {
+    uint32_t v = uint32_t(uint8_t(data[i])) << 16;
+    if (i + 1 < data.size()) v |= uint32_t(uint8_t(data[i + 1])) << 8;
+    flat.push_back(alphabet[(v >> 18) & 63]);
+    flat.push_back(alphabet[(v >> 12) & 63]);
+    flat.push_back(i + 1 < data.size() ? alphabet[(v >> 6) & 63] : '=');
+    flat.push_back('=');
+  }
+  std::string out;
+  for (size_t at = 0; at < flat.size(); at += 72) {
+    if (at) out += "\r\n";
+    out += flat.substr(at, 72);
+  }
+  return out;
+}
+
+}  // namespace
+
 Result<void> inspect_mounted(Guest& guest, OsInfo& os) {
+  for (const auto& path : icon_paths(os.distro)) {
+    auto st = guest.stat(path);
+    if (!st || st->type() != FileType::Regular || st->size > (1 << 20)) continue;
+    auto png = guest.read_file(path, 1 << 20);
+    if (png && png->size() > 8 && png->compare(0, 8, "\x89PNG\r\n\x1a\n") == 0) {
+      os.icon = std::move(*png);
+      break;
+    }
+  }
   for (const char* binary : {"/bin/bash", "/bin/ls", "/bin/echo", "/bin/rm", "/bin/sh", "/usr/bin/bash", "/usr/bin/ls"}) {
     std::vector<uint8_t> header;
     auto r = guest.read_stream(binary, 0, 64, [&](std::span<const uint8_t> chunk) -> Result<void> {
@@ -466,6 +516,11 @@ nlohmann::json os_to_json(const OsInfo& os, const std::vector<Application>* apps
                                    {"url", a.url}});
   }
   if (kernels) j["kernels"] = *kernels;
+  if (!os.icon.empty()) {
+    std::string b = base64_lines(os.icon);
+    b.erase(std::remove_if(b.begin(), b.end(), [](char c) { return c == '\r' || c == '\n'; }), b.end());
+    j["icon"] = b;
+  }
   return j;
 }
 
@@ -533,6 +588,7 @@ std::string os_to_xml(const OsInfo& os, const std::vector<Application>* apps) {
     }
     x += "    </applications>\n";
   }
+  if (!os.icon.empty()) x += "    <icon>" + base64_lines(os.icon) + "</icon>\n";
   x += "  </operatingsystem>\n</operatingsystems>\n";
   return x;
 }

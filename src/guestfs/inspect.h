@@ -45,6 +45,7 @@ struct OsInfo {
   std::string osinfo;
   std::vector<std::pair<std::string, std::string>> fstab;  // mountpoint, device (as our names)
   std::vector<OsFilesystem> filesystems;  // those the OS mounts (root and fstab), by device name
+  std::string icon;  // the distribution's logo (PNG bytes), as virt-inspector finds it
 };
 
 // Finds every operating system on the guest's devices. Leaves nothing mounted.
