@@ -87,5 +87,56 @@ for num, (start, size) in {1: (2048, 65536), 2: (67584, 161792)}.items():
     p = run(["e2fsck", "-fn", part], check=False)
     check(p.returncode == 0, f"sysprep: e2fsck -fn clean on partition {num}")
 
+# An rpm-based guest: the package list comes from rpmdb.sqlite (header blobs, as rpm 4.16+ keeps them).
+import sqlite3  # noqa: E402
+import struct  # noqa: E402
+
+
+def rpm_header(tags):
+    """An rpm header blob: index entries (tag, type, offset, count) then the data store."""
+    index, store = b"", b""
+    for tag, value in tags:
+        if isinstance(value, int):
+            while len(store) % 4:
+                store += b"\0"
+            index += struct.pack(">IIII", tag, 4, len(store), 1)
+            store += struct.pack(">I", value)
+        else:
+            index += struct.pack(">IIII", tag, 6, len(store), 1)
+            store += value.encode() + b"\0"
+    return struct.pack(">II", len(tags), len(store)) + index + store
+
+
+fed = os.path.join(work, "fedtree")
+os.makedirs(os.path.join(fed, "etc"))
+os.makedirs(os.path.join(fed, "var/lib/rpm"))
+os.makedirs(os.path.join(fed, "usr/bin"))
+with open(os.path.join(fed, "etc/os-release"), "w") as f:
+    f.write('NAME="Fedora Linux"\nVERSION_ID=39\nID=fedora\nPRETTY_NAME="Fedora Linux 39"\n')
+with open(os.path.join(fed, "etc/hostname"), "w") as f:
+    f.write("fedora-guest\n")
+with open(os.path.join(fed, "etc/fstab"), "w") as f:
+    f.write("LABEL=fedroot / ext4 defaults 0 1\n")
+shutil.copy("/bin/ls", os.path.join(fed, "usr/bin/ls"))
+db = sqlite3.connect(os.path.join(fed, "var/lib/rpm/rpmdb.sqlite"))
+db.execute("CREATE TABLE Packages (hnum INTEGER PRIMARY KEY AUTOINCREMENT, blob BLOB NOT NULL)")
+for name, epoch, version, release in [("bash", 0, "5.2.21", "1.fc39"), ("kernel", 0, "6.5.6", "300.fc39"),
+                                       ("gpg-pubkey", 0, "abc", "1"), ("openssl", 1, "3.1.1", "4.fc39")]:
+    tags = [(1000, name), (1001, version), (1002, release), (1022, "x86_64"), (1004, name + " summary")]
+    if epoch:
+        tags.append((1003, epoch))
+    db.execute("INSERT INTO Packages (blob) VALUES (?)", (rpm_header(tags),))
+db.commit()
+db.close()
+fimg = os.path.join(work, "fedora.img")
+run(["truncate", "-s", "32M", fimg])
+run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "fedroot", "-d", fed, fimg])
+info = json.loads(fish("inspect", "-a", fimg, "--output", "json").stdout)[0]
+check((info["distro"], info["major_version"], info["package_format"], info["package_management"],
+       info["hostname"]) == ("fedora", 39, "rpm", "dnf", "fedora-guest"), f"rpm guest: {info['distro']} {info['major_version']}")
+apps = [(a["name"], a["epoch"], a["version"], a["release"], a["arch"]) for a in info["applications"]]
+check(apps == [("bash", 0, "5.2.21", "1.fc39", "x86_64"), ("kernel", 0, "6.5.6", "300.fc39", "x86_64"),
+               ("openssl", 1, "3.1.1", "4.fc39", "x86_64")], f"rpm guest: packages from rpmdb.sqlite {apps}")
+
 rmtree(work)
 finish()
