@@ -278,7 +278,7 @@ Result<Application> parse_rpm_header(std::span<const uint8_t> blob) {
       case 1005: app.description = string_at(offset); break;
       case 1022: app.arch = string_at(offset); break;
       case 1003:
-        if (type == 4 && offset + 4 <= data_size) app.epoch = int(be32(data_start + offset));
+        if (type == 4 && offset < data_size && data_size - offset >= 4) app.epoch = int(be32(data_start + offset));
         break;
       default: break;
     }
