@@ -263,7 +263,6 @@ char** fish_completion(const char* text, int start, int) {
     rl_completion_append_character = '\0';
     return rl_completion_matches(text, path_generator);
   }
-  if (std::strncmp(text, "/dev", 4) == 0) return nullptr;
   return nullptr;
 }
 
