@@ -274,6 +274,7 @@ std::string human_state(const std::string& s) {
 int main(int argc, char** argv) {
   CLI::App app{"keel: manage VMs through keeld"};
   app.require_subcommand(1);
+  app.fallthrough();  // global options (-o json, --connect) may follow the verb, as with virsh
   app.add_option("-c,--connect", g_opts.connect, "unix:PATH or https://HOST:PORT (default $KEEL_CONNECT or unix:/run/keel/keeld.sock)");
   app.add_option("--token", g_opts.token, "API token for https (default $KEEL_TOKEN)");
   app.add_flag("--insecure", g_opts.insecure, "Do not verify keeld's TLS certificate");

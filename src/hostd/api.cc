@@ -69,6 +69,7 @@ Result<void> only_fields(const json& j, std::initializer_list<const char*> allow
     if (!known) {
       std::string list;
       for (auto a : allowed) list += (list.empty() ? "" : ", ") + std::string(a);
+      if (list.empty()) return fail_invalid("{}: unknown field (this operation takes no fields)", it.key());
       return fail_invalid("{}: unknown field (allowed: {})", it.key(), list);
     }
   }

@@ -345,23 +345,33 @@ void HttpServer::websocket(const std::string& pattern, UpgradeHandler h, Handler
 
 const HttpServer::Route* HttpServer::match(const HttpRequest& req, std::map<std::string, std::string>& params,
                                            bool& path_matched) const {
+  // The route with the most literal segments wins: /v1/domains/{name}/disks before
+  // /v1/domains/{name}/{action}.
   auto segs = split_path(req.path);
+  const Route* best = nullptr;
+  int best_literals = -1;
   for (auto& r : routes_) {
     if (r.segments.size() != segs.size()) continue;
     std::map<std::string, std::string> p;
     bool good = true;
+    int literals = 0;
     for (size_t i = 0; i < segs.size() && good; ++i) {
       auto& pat = r.segments[i];
-      if (pat.size() > 2 && pat.front() == '{' && pat.back() == '}') p[pat.substr(1, pat.size() - 2)] = segs[i];
-      else good = pat == segs[i];
+      if (pat.size() > 2 && pat.front() == '{' && pat.back() == '}') {
+        p[pat.substr(1, pat.size() - 2)] = segs[i];
+      } else {
+        good = pat == segs[i];
+        ++literals;
+      }
     }
     if (!good) continue;
     path_matched = true;
-    if (r.method != req.method) continue;
+    if (r.method != req.method || literals <= best_literals) continue;
+    best = &r;
+    best_literals = literals;
     params = std::move(p);
-    return &r;
   }
-  return nullptr;
+  return best;
 }
 
 HttpResponse HttpServer::dispatch(HttpRequest& req, bool over_tcp) {

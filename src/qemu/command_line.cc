@@ -80,7 +80,8 @@ json netdev_add_args(const NicDef& n, const std::string& tap_name) {
 }
 
 json nic_device_args(const NicDef& n, const std::string& bus) {
-  json j = {{"driver", "virtio-net-pci"}, {"netdev", netdev_id(n)}, {"id", n.id}, {"mac", n.mac}};
+  // No option ROM: guests boot from disks or a kernel, never PXE, and qboot hangs on the ROM.
+  json j = {{"driver", "virtio-net-pci"}, {"netdev", netdev_id(n)}, {"id", n.id}, {"mac", n.mac}, {"romfile", ""}};
   if (!bus.empty()) j["bus"] = bus;
   return j;
 }
