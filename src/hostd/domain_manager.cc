@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <optional>
+#include <sstream>
 #include <thread>
 
 #include <fmt/format.h>
@@ -53,6 +55,30 @@ std::string tap_name(const std::string& uuid, const std::string& nic_id) {
   return ("kt" + uuid.substr(0, 8) + "-" + id).substr(0, 15);
 }
 
+
+struct LinkCounters {
+  uint64_t rx_bytes, rx_packets, tx_bytes, tx_packets;
+};
+
+std::optional<LinkCounters> tap_counters(const std::string& ifname) {
+  auto text = read_file("/proc/net/dev");
+  if (!text) return std::nullopt;
+  std::istringstream in(*text);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    std::string name = line.substr(0, colon);
+    name.erase(0, name.find_first_not_of(' '));
+    if (name != ifname) continue;
+    std::istringstream f(line.substr(colon + 1));
+    uint64_t v[16] = {};
+    for (auto& x : v) f >> x;
+    // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets ...
+    return LinkCounters{v[0], v[1], v[8], v[9]};
+  }
+  return std::nullopt;
+}
 
 }  // namespace
 
@@ -116,7 +142,10 @@ Result<void> DomainManager::resolve_disks(qemu::DomainDef& def) {
   for (size_t i = 0; i < def.disks.size(); ++i) {
     auto& d = def.disks[i];
     if (!d.volume.empty()) {
-      auto [path, format] = TRY_CTX(pools_.resolve(d.volume), fmt::format("disks[{}].volume", i));
+      auto resolved = pools_.resolve(d.volume);
+      // A definition naming a missing volume is bad input (400), not a missing endpoint.
+      if (!resolved) return fail_invalid("disks[{}].volume: {}", i, resolved.error().message());
+      auto [path, format] = *resolved;
       d.path = path;
       d.format = format == "raw" ? qemu::DiskFormat::Raw : qemu::DiskFormat::Qcow2;
     } else if (!file_exists(d.path)) {
@@ -765,16 +794,15 @@ Result<json> DomainManager::stats(const std::string& name) {
   for (auto& n : def.nics) {
     json nj = {{"id", n.id}, {"mac", n.mac}};
     if (n.kind != qemu::NicKind::User) {
-      // The tap's counters from the host side: what the host sends is what the guest receives.
-      std::string base = "/sys/class/net/" + tap_name(def.uuid, n.id) + "/statistics/";
-      auto num = [&](const char* f) -> uint64_t {
-        auto t = read_file(base + f);
-        return t ? std::strtoull(t->c_str(), nullptr, 10) : 0;
-      };
-      nj["rx_bytes"] = num("tx_bytes");
-      nj["tx_bytes"] = num("rx_bytes");
-      nj["rx_packets"] = num("tx_packets");
-      nj["tx_packets"] = num("rx_packets");
+      // The tap's counters from the host side (what the host sends is what the guest receives),
+      // from /proc/net/dev, which shows keeld's own network namespace.
+      auto c = tap_counters(tap_name(def.uuid, n.id));
+      if (c) {
+        nj["rx_bytes"] = c->tx_bytes;
+        nj["tx_bytes"] = c->rx_bytes;
+        nj["rx_packets"] = c->tx_packets;
+        nj["tx_packets"] = c->rx_packets;
+      }
     }
     nics.push_back(nj);
   }

@@ -1,6 +1,7 @@
 #include "hostd/network.h"
 
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -110,8 +111,8 @@ Result<NetworkRecord> Networks::get(const std::string& name) {
 }
 
 bool Networks::link_exists(const std::string& ifname) const {
-  struct stat st;
-  return ::stat(("/sys/class/net/" + ifname).c_str(), &st) == 0;
+  // Not /sys/class/net: sysfs shows the namespace it was mounted in, and keeld may run in another.
+  return ::if_nametoindex(ifname.c_str()) != 0;
 }
 
 Result<json> Networks::list() {
