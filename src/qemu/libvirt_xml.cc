@@ -66,6 +66,12 @@ public:
             if (fn == "acpi" || fn == "apic") continue;  // always on in Keel's q35/pc guests
             note("features/" + fn + ": not supported");
           }
+      } else if (name == "clock") {
+        // UTC is what Keel's guests get; anything else is worth saying.
+        std::string offset = child.attribute("offset").as_string();
+        if (offset != "utc") note(fmt::format("clock offset='{}': not supported (guests run on UTC)", offset));
+        for (auto t : child.children("timer"))
+          note(fmt::format("clock/timer name='{}': not supported", t.attribute("name").as_string()));
       } else if (name == "on_poweroff" || name == "on_reboot" || name == "on_crash") {
         std::string v = child.text().as_string();
         bool default_like = (name == "on_poweroff" && v == "destroy") || (name == "on_reboot" && v == "restart") ||
@@ -209,7 +215,8 @@ private:
     auto drv = d.child("driver");
     std::string fmt_ = drv.attribute("type").as_string();
     if (fmt_ == "raw") disk.format = DiskFormat::Raw;
-    else if (fmt_ == "qcow2" || fmt_.empty()) disk.format = DiskFormat::Qcow2;
+    else if (fmt_ == "qcow2") disk.format = DiskFormat::Qcow2;
+    else if (fmt_.empty()) disk.format = DiskFormat::Raw;  // libvirt's default without a driver type
     else return fail_invalid("devices/disk/driver/@type: '{}' is not one of raw, qcow2", fmt_);
     std::string cache = drv.attribute("cache").as_string();
     if (cache == "none") disk.cache = DiskCache::None;
@@ -251,13 +258,16 @@ private:
       return ok();
     }
     nic.mac = i.child("mac").attribute("address").as_string();
+    // libvirt's user aliases ("ua-" prefix) carry Keel's device ids across an export/import.
+    std::string alias = i.child("alias").attribute("name").as_string();
+    if (alias.rfind("ua-", 0) == 0 && alias.size() > 3) nic.id = alias.substr(3);
     for (auto& c : nic.mac) c = static_cast<char>(tolower(static_cast<unsigned char>(c)));
     std::string model = i.child("model").attribute("type").as_string();
     if (!model.empty() && model != "virtio") note(fmt::format("devices/interface model='{}': becomes virtio", model));
     for (auto c : i.children()) {
       if (c.type() != pugi::node_element) continue;
       std::string n = c.name();
-      if (n != "source" && n != "mac" && n != "model") note("devices/interface/" + n + ": not supported");
+      if (n != "source" && n != "mac" && n != "model" && n != "alias") note("devices/interface/" + n + ": not supported");
     }
     out_.def.nics.push_back(nic);
     return ok();
@@ -341,6 +351,7 @@ std::string export_libvirt_xml(const DomainDef& def) {
     if (n.kind == NicKind::Network) iface.append_child("source").append_attribute("network") = n.network.c_str();
     if (n.kind == NicKind::Bridge) iface.append_child("source").append_attribute("bridge") = n.bridge.c_str();
     iface.append_child("model").append_attribute("type") = "virtio";
+    if (!n.id.empty()) iface.append_child("alias").append_attribute("name") = ("ua-" + n.id).c_str();
   }
   if (def.serial) {
     auto s = devs.append_child("serial");

@@ -1,6 +1,7 @@
 #include "qemu/xl_cfg.h"
 
 #include <map>
+#include <set>
 #include <variant>
 
 #include <fmt/format.h>
@@ -179,7 +180,14 @@ Result<ImportResult> import_xl_cfg(std::string_view text) {
       for (size_t i = 0; i < v.items.size(); ++i) {
         auto items = spec_items(v.items[i]);
         DiskDef disk;
-        // Positional form: target, format, vdev, access.
+        // Positional forms: target, format, vdev, access; or the classic target, vdev, access
+        // ('phy:/dev/vg/x,xvda2,w') when the second one is not a format.
+        static const std::set<std::string> formats{"raw", "qcow", "qcow2", "vhd", "qed", "aio"};
+        if (items.count("#1") && !formats.count(items["#1"])) {
+          if (items.count("#2")) items["#3"] = items["#2"];
+          items["#2"] = items["#1"];
+          items.erase("#1");
+        }
         std::string target = items.count("target") ? items["target"] : items["#0"];
         std::string format = items.count("format") ? items["format"] : (items.count("#1") ? items["#1"] : "raw");
         std::string vdev = items.count("vdev") ? items["vdev"] : items["#2"];
@@ -225,6 +233,8 @@ Result<ImportResult> import_xl_cfg(std::string_view text) {
           nic.kind = NicKind::Network;
           nic.network = "default";
         }
+        if (items.count("model") && items["model"] != "virtio-net")
+          out.ignored.push_back(fmt::format("vif[{}]: model={} becomes virtio", i, items["model"]));
         for (auto& [k, val] : items)
           if (k != "mac" && k != "bridge" && k != "model" && k != "type")
             out.ignored.push_back(fmt::format("vif[{}]: {}={} not supported", i, k, val));
