@@ -150,3 +150,30 @@ TEST(DomainDef, RoundTrip) {
 
 }  // namespace
 }  // namespace keel::qemu
+
+// Every example in examples/ is a valid definition.
+#include <dirent.h>
+
+#include "base/unique_fd.h"
+
+namespace keel::qemu {
+namespace {
+TEST(Examples, AllParse) {
+  std::string dir = KEEL_EXAMPLES_DIR;
+  DIR* d = ::opendir(dir.c_str());
+  ASSERT_NE(d, nullptr) << dir;
+  int count = 0;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n.size() < 5 || n.substr(n.size() - 5) != ".json") continue;
+    auto text = read_file(dir + "/" + n);
+    ASSERT_TRUE(text);
+    auto def = parse_domain_json(*text);
+    EXPECT_TRUE(def) << n << ": " << def.error().message();
+    ++count;
+  }
+  ::closedir(d);
+  EXPECT_GE(count, 10);
+}
+}  // namespace
+}  // namespace keel::qemu
