@@ -122,8 +122,9 @@ def t_reattach(args):
 
 
 def t_hotplug(args):
-    """NIC and disk hot-plug and unplug through the REST API, seen inside the running guest."""
-    k = Keeld(args).start()
+    """NIC and disk hot-plug and unplug through the REST API, seen inside the running guest. QEMU
+    runs as nobody here: keeld hands it the volume and its runtime files."""
+    k = Keeld(args, extra=["--qemu-user", "nobody"]).start()
     try:
         check(k.api("POST", "/v1/pools/default/volumes", {"name": "hp", "capacity": "32M", "format": "qcow2"})[0] == 201,
               "volume create")
@@ -164,6 +165,12 @@ def t_hotplug(args):
         # The guest wrote to the volume while it was attached.
         status, data = k.api("GET", "/v1/pools/default/volumes/hp")
         check(status == 200 and data["format"] == "qcow2", f"vol-info: {data}")
+        qemu_pid = k.api("GET", "/v1/domains/hot")[1]["pid"]
+        with open(f"/proc/{qemu_pid}/status") as f:
+            uid_line = [l for l in f if l.startswith("Uid:")][0]
+        import pwd
+        check(int(uid_line.split()[1]) == pwd.getpwnam("nobody").pw_uid, f"QEMU not running as nobody: {uid_line}")
+        check(k.api("GET", "/v1/domains/hot")[1]["security"]["user"] == "nobody", "dominfo security")
         stats = k.api("GET", "/v1/domains/hot/stats")[1]
         check("cpu_time_ns" in stats, f"stats: {stats}")
         metrics = k.api("GET", "/metrics")[1]
@@ -337,7 +344,31 @@ def t_events(args):
         check(watcher.returncode == 0, f"keel events: {watcher.returncode} {err}")
         names = [json.loads(l)["event"] for l in out.splitlines()]
         check("started" in names and "suspended" in names, f"events: {names}")
+
+        # Server-sent events on the same endpoint without an upgrade.
+        import threading
+        from harness import UnixHTTPConnection
+        conn = UnixHTTPConnection(k.socket, timeout=30)
+        conn.request("GET", "/v1/events?domain=ev")
+        resp = conn.getresponse()
+        check(resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream", "SSE response")
+        seen = []
+
+        def read_sse():
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:])["event"])
+                    if "stopped" in seen:
+                        return
+
+        reader = threading.Thread(target=read_sse, daemon=True)
+        reader.start()
+        time.sleep(0.2)
         k.keel("destroy", "ev", check_rc=0)
+        reader.join(20)
+        conn.close()
+        check("stopped" in seen, f"SSE events: {seen}")
     finally:
         k.cleanup()
 
