@@ -470,7 +470,19 @@ void HttpServer::accept_loop(Listener& l) {
     }
     UniqueFd fd(c);
     bool tls = l.tls;
+    // Bounded: a flood of connections cannot exhaust keeld's threads.
+    if (connections_.fetch_add(1) >= kMaxConnections) {
+      connections_.fetch_sub(1);
+      continue;
+    }
+    // A client that goes quiet in the middle of a request is dropped (cleared for WebSockets).
+    timeval idle{kIdleSeconds, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &idle, sizeof idle);
     std::thread([this, f = std::move(fd), tls]() mutable {
+      struct Release {
+        std::atomic<int>& n;
+        ~Release() { n.fetch_sub(1); }
+      } release{connections_};
       std::unique_ptr<Stream> s;
       if (tls) {
         // Bound the handshake so a silent client cannot hold a thread forever.
@@ -482,8 +494,8 @@ void HttpServer::accept_loop(Listener& l) {
           SSL_free(ssl);
           return;
         }
-        timeval none{0, 0};
-        ::setsockopt(f.get(), SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+        timeval idle{kIdleSeconds, 0};
+        ::setsockopt(f.get(), SOL_SOCKET, SO_RCVTIMEO, &idle, sizeof idle);
         s = std::make_unique<TlsStream>(std::move(f), ssl);
       } else {
         s = make_plain_stream(std::move(f));
@@ -497,6 +509,7 @@ void HttpServer::serve(std::unique_ptr<Stream> s, bool over_tcp) {
   std::string carry;
   for (;;) {
     auto req = read_request(*s, carry);
+    if (!req && (req.error().code() == EAGAIN || req.error().code() == EWOULDBLOCK)) return;  // idle
     if (!req) {
       int status = req.error().code() == E2BIG ? 413 : 400;
       HttpResponse r = HttpResponse::error(status, req.error().message());
@@ -533,6 +546,8 @@ void HttpServer::serve(std::unique_ptr<Stream> s, bool over_tcp) {
       // Bytes the client sent after its request belong to the WebSocket; handlers read frames with
       // their own carry buffer, so hand these over through the request.
       rq.headers["x-keel-carry"] = carry;
+      timeval none{0, 0};
+      ::setsockopt(s->fd(), SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
       r->upgrade(rq, *s);
       return;
     }
@@ -542,6 +557,8 @@ void HttpServer::serve(std::unique_ptr<Stream> s, bool over_tcp) {
       const Route* r = match(rq, params, path_matched);
       if (r && r->raw && !(filter_ && filter_(rq, over_tcp))) {
         rq.params = std::move(params);
+        timeval none{0, 0};
+        ::setsockopt(s->fd(), SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
         r->raw(rq, *s);
         return;
       }

@@ -136,6 +136,9 @@ private:
   std::vector<std::thread> accept_threads_;
   SSL_CTX* ssl_ctx_ = nullptr;
   std::atomic<bool> stopping_{false};
+  static constexpr int kMaxConnections = 256;
+  static constexpr int kIdleSeconds = 60;
+  std::atomic<int> connections_{0};
 };
 
 // keel's side: one request per call, over unix:PATH or https://HOST:PORT.
