@@ -86,6 +86,18 @@ DomainManager::DomainManager(DomainManagerConfig cfg, StateStore& store, EventBu
                              Networks& networks)
     : cfg_(std::move(cfg)), store_(store), events_(events), pools_(pools), networks_(networks) {}
 
+qemu::LaunchIdentity DomainManager::identity_of(pid_t pid) const {
+  int uid = qemu::process_uid(pid);
+  if (uid <= 0) return {};
+  auto status = read_file(fmt::format("/proc/{}/status", pid));
+  gid_t gid = static_cast<gid_t>(uid);
+  if (status) {
+    auto pos = status->find("\nGid:");
+    if (pos != std::string::npos) gid = static_cast<gid_t>(std::strtol(status->c_str() + pos + 5, nullptr, 10));
+  }
+  return qemu::LaunchIdentity{static_cast<uid_t>(uid), gid};
+}
+
 DomainManager::~DomainManager() {
   closing_ = true;
   std::lock_guard lock(mutex_);
@@ -99,7 +111,16 @@ Result<void> DomainManager::init() {
   auto help = TRY(run_command({cfg_.qemu_binary, "-machine", "help"}));
   if (help.exit_code != 0) return fail(EIO, fmt::format("{} -machine help: {}", cfg_.qemu_binary, help.err));
   machine_help_ = help.out;
-  if (!cfg_.qemu_user.empty()) identity_ = TRY(qemu::lookup_user(cfg_.qemu_user));
+  if (cfg_.qemu_user == "auto") {
+    if (::geteuid() == 0) {
+      if (auto nobody = qemu::lookup_user("nobody")) {
+        identity_ = *nobody;
+        auto_identity_ = true;
+      }
+    }
+  } else if (!cfg_.qemu_user.empty() && cfg_.qemu_user != "none") {
+    identity_ = TRY(qemu::lookup_user(cfg_.qemu_user));
+  }
   ::mkdir((cfg_.state_dir + "/run").c_str(), 0711);
 
   std::lock_guard lock(mutex_);
@@ -235,8 +256,8 @@ Result<json> DomainManager::info(const std::string& name) {
     auto it = running_.find(name);
     j["monitor"] = it != running_.end() && it->second->qmp && it->second->qmp->connected();
   }
-  j["security"] = cfg_.qemu_user.empty() ? json{{"sandbox", cfg_.sandbox}, {"user", "keeld's"}}
-                                         : json{{"sandbox", cfg_.sandbox}, {"user", cfg_.qemu_user}};
+  j["security"] = {{"sandbox", cfg_.sandbox}};
+  if (rec.pid > 0) j["security"]["user"] = qemu::user_name(qemu::process_uid(static_cast<pid_t>(rec.pid)));
   return j;
 }
 
@@ -296,12 +317,23 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   for (auto f : {"/qmp.sock", "/console.sock"}) ::unlink((dir + f).c_str());
   if (dir.size() + 14 > 107) return fail_invalid("state dir path too long for unix sockets: {}", dir);
 
-  int uid = cfg_.qemu_user.empty() ? -1 : static_cast<int>(identity_.uid);
+  qemu::LaunchIdentity identity = identity_;
+  if (auto_identity_) {
+    // Unprivileged where the host allows: QEMU must be able to read what it opens by path.
+    for (auto* f : {&def.boot.kernel, &def.boot.initrd}) {
+      if (!f->empty() && !qemu::readable_as(*f, identity)) {
+        KEEL_LOG_WARN("domain {}: {} is not readable by uid {}; QEMU runs as root", rec.name, *f, identity.uid);
+        identity = qemu::LaunchIdentity{};
+        break;
+      }
+    }
+  }
+  int uid = identity.uid == static_cast<uid_t>(-1) ? -1 : static_cast<int>(identity.uid);
   if (uid >= 0) {
     // Hand the runtime dir and images to QEMU's user (libvirt's DAC driver does the same).
-    if (::chown(dir.c_str(), identity_.uid, identity_.gid) < 0) return fail_errno("chown " + dir);
+    if (::chown(dir.c_str(), identity.uid, identity.gid) < 0) return fail_errno("chown " + dir);
     for (auto& d : def.disks)
-      if (::chown(d.path.c_str(), identity_.uid, identity_.gid) < 0) return fail_errno("chown " + d.path);
+      if (::chown(d.path.c_str(), identity.uid, identity.gid) < 0) return fail_errno("chown " + d.path);
   }
 
   qemu::LaunchConfig lc;
@@ -337,7 +369,7 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   }
   // Truncate the previous run's QEMU log; the console log is kept across runs.
   (void)write_file(dir + "/qemu.log", "");
-  auto pid = qemu::launch_detached(*argv, dir + "/qemu.log", identity_);
+  auto pid = qemu::launch_detached(*argv, dir + "/qemu.log", identity);
   if (!pid) {
     cleanup_taps();
     return fail(pid.error());
@@ -624,7 +656,8 @@ Result<qemu::NicDef> DomainManager::attach_nic(const std::string& name, qemu::Ni
     auto* r = TRY(running(name));
     std::string port = TRY(free_hotplug_port(name, rec));
     std::string tap;
-    int uid = cfg_.qemu_user.empty() ? -1 : static_cast<int>(identity_.uid);
+    auto ident = identity_of(r->pid);
+    int uid = ident.uid == static_cast<uid_t>(-1) ? -1 : static_cast<int>(ident.uid);
     if (nic.kind == qemu::NicKind::Network) tap = TRY(networks_.create_tap(nic.network, tap_name(def.uuid, nic.id), uid));
     if (nic.kind == qemu::NicKind::Bridge) tap = TRY(networks_.create_bridge_tap(nic.bridge, tap_name(def.uuid, nic.id), uid));
     auto nd = r->qmp->execute("netdev_add", qemu::netdev_add_args(nic, tap));
@@ -660,7 +693,9 @@ Result<qemu::DiskDef> DomainManager::attach_disk(const std::string& name, qemu::
   if (running_.count(name)) {
     auto* r = TRY(running(name));
     std::string port = TRY(free_hotplug_port(name, rec));
-    if (!cfg_.qemu_user.empty()) ::chown(resolved.path.c_str(), identity_.uid, identity_.gid);
+    auto ident = identity_of(r->pid);
+    if (ident.uid != static_cast<uid_t>(-1) && ::chown(resolved.path.c_str(), ident.uid, ident.gid) < 0)
+      return fail_errno("chown " + resolved.path);
     TRY(r->qmp->execute("blockdev-add", qemu::blockdev_add_args(resolved)));
     auto dev = r->qmp->execute("device_add", qemu::disk_device_args(resolved, port));
     if (!dev) {

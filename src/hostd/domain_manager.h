@@ -32,8 +32,10 @@ struct DomainManagerConfig {
   std::string qemu_binary = "qemu-system-x86_64";
   qemu::Accelerator accel = qemu::Accelerator::Tcg;
   bool sandbox = true;
-  // QEMU runs as this user when set (images and runtime files are handed to it).
-  std::string qemu_user;
+  // "auto": as root, QEMU runs as nobody when nobody can read its kernel/initrd, else as root;
+  // "none": as keeld's uid; or a user name (always that user). Images and runtime files are handed
+  // to QEMU's user.
+  std::string qemu_user = "auto";
 };
 
 class DomainManager {
@@ -102,6 +104,9 @@ private:
   Networks& networks_;
   std::string machine_help_;
   qemu::LaunchIdentity identity_;
+  bool auto_identity_ = false;
+  // The identity of a running domain's QEMU (for hot-plugged images and taps).
+  qemu::LaunchIdentity identity_of(pid_t pid) const;
 
   // One lock for domain operations: they are short (QMP round trips, a fork), and it keeps
   // define/start/destroy of the same name from racing.

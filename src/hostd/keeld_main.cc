@@ -54,7 +54,7 @@ int run(int argc, char** argv) {
   CLI::App app{"keeld: Keel's per-host VM daemon"};
   std::string state_dir = "/var/lib/keel";
   std::string socket_path = "/run/keel/keeld.sock";
-  std::string listen, tls_cert, tls_key, token_file, qemu_user, log_level = "info";
+  std::string listen, tls_cert, tls_key, token_file, qemu_user = "auto", log_level = "info";
   std::string qemu_binary = "qemu-system-x86_64";
   bool no_sandbox = false;
   app.add_option("--state-dir", state_dir, "State directory (database, images, runtime files)");
@@ -63,7 +63,8 @@ int run(int argc, char** argv) {
   app.add_option("--tls-cert", tls_cert, "PEM certificate (chain) for --listen");
   app.add_option("--tls-key", tls_key, "PEM private key for --listen");
   app.add_option("--token-file", token_file, "Bearer token for TCP clients (default STATE_DIR/token, made if absent)");
-  app.add_option("--qemu-user", qemu_user, "Run QEMU as this unprivileged user (images are handed to it)");
+  app.add_option("--qemu-user", qemu_user,
+                 "auto (as root: nobody where it can read the kernel/initrd), none (keeld's uid), or a user name");
   app.add_option("--qemu-binary", qemu_binary, "QEMU system emulator");
   app.add_flag("--no-sandbox", no_sandbox, "Run QEMU without -sandbox (debugging only)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error");

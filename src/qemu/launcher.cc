@@ -105,6 +105,37 @@ bool process_matches(pid_t pid, const std::string& needle) {
   return cmdline->find(needle) != std::string::npos;
 }
 
+int process_uid(pid_t pid) {
+  auto status = read_file(fmt::format("/proc/{}/status", pid));
+  if (!status) return -1;
+  auto pos = status->find("\nUid:");
+  if (pos == std::string::npos) return -1;
+  return static_cast<int>(std::strtol(status->c_str() + pos + 5, nullptr, 10));
+}
+
+bool readable_as(const std::string& path, const LaunchIdentity& identity) {
+  if (identity.uid == static_cast<uid_t>(-1)) return ::access(path.c_str(), R_OK) == 0;
+  pid_t child = ::fork();
+  if (child < 0) return false;
+  if (child == 0) {
+    if (::setgroups(0, nullptr) < 0 || ::setgid(identity.gid) < 0 || ::setuid(identity.uid) < 0) ::_exit(2);
+    ::_exit(::access(path.c_str(), R_OK) == 0 ? 0 : 1);
+  }
+  int status = 0;
+  while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+std::string user_name(int uid) {
+  if (uid < 0) return "?";
+  passwd pw{};
+  passwd* found = nullptr;
+  std::vector<char> buf(16384);
+  if (::getpwuid_r(static_cast<uid_t>(uid), &pw, buf.data(), buf.size(), &found) == 0 && found) return pw.pw_name;
+  return std::to_string(uid);
+}
+
 Result<ProcessUsage> process_usage(pid_t pid) {
   auto stat = TRY(read_file(fmt::format("/proc/{}/stat", pid)));
   auto close = stat.rfind(')');

@@ -29,6 +29,12 @@ Result<pid_t> launch_detached(const std::vector<std::string>& argv, const std::s
 // domain's UUID: keeps a recycled pid from being mistaken for our QEMU.
 bool process_matches(pid_t pid, const std::string& needle);
 bool process_alive(pid_t pid);
+// The real uid a process runs as, or -1.
+int process_uid(pid_t pid);
+// Whether `identity` could read `path` (checked in a child that takes that uid: access(2) as root
+// would say yes to everything).
+bool readable_as(const std::string& path, const LaunchIdentity& identity);
+std::string user_name(int uid);
 
 // CPU time (user+system) of a process in nanoseconds, and its resident set in bytes.
 struct ProcessUsage {
