@@ -192,16 +192,21 @@ void events_ws(ApiContext& ctx, HttpRequest& req, Stream& ws) {
   std::string filter = req.query.count("domain") ? req.query["domain"] : "";
   std::atomic<bool> closed{false};
   std::string carry = req.headers["x-keel-carry"];
+  std::mutex write_mutex;  // the reader answers pings while the loop below sends events
   std::thread reader([&] {
     for (;;) {
       auto f = ws_read(ws, carry);
       if (!f || !*f || (*f)->opcode == WsOpcode::Close) break;
+      if ((*f)->opcode == WsOpcode::Ping) {
+        std::lock_guard lock(write_mutex);
+        (void)ws_write(ws, WsOpcode::Pong, (*f)->payload, false);
+      }
     }
     closed = true;
   });
-  std::mutex write_mutex;
   while (!closed) {
     auto ev = sub->next(1s);
+    std::lock_guard lock(write_mutex);
     if (!ev) {
       if (!ws_write(ws, WsOpcode::Ping, "", false)) break;
       continue;
