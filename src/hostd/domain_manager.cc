@@ -494,6 +494,21 @@ void DomainManager::on_qmp_event(const std::string& name, const qemu::QmpEvent& 
 Result<void> DomainManager::reboot(const std::string& name) {
   std::lock_guard lock(mutex_);
   auto* r = TRY(running(name));
+  auto rec = TRY(get(name));
+  auto def = TRY(qemu::domain_from_json(rec.definition));
+  if (def.boot.firmware == "qboot") {
+    // qboot does not boot the -kernel again after a reset: restart QEMU instead, which the guest
+    // sees as a fresh boot all the same.
+    pid_t pid = r->pid;
+    (void)r->qmp->execute("quit");
+    if (!wait_gone(name, pid, 5s)) ::kill(pid, SIGKILL);
+    TRY(wait_gone(name, pid, 5s));
+    cleanup_after_stop(name, pid, "rebooting");
+    rec = TRY(get(name));
+    TRY(launch(rec, false, false));
+    events_.publish("lifecycle", name, "rebooted", {{"restarted", true}});
+    return ok();
+  }
   TRY(r->qmp->execute("system_reset"));
   events_.publish("lifecycle", name, "rebooted");
   return ok();

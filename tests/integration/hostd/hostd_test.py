@@ -57,7 +57,20 @@ def t_lifecycle(args):
         k.wait_state("life", "shutoff", timeout=60)
         check("Power down" in k.api("GET", "/v1/domains/life/console/log")[1], "no ACPI power-down on the console")
 
+        def boots():
+            return k.api("GET", "/v1/domains/life/console/log")[1].count("KEEL-GUEST-READY")
+
+        def wait_boots(n):
+            deadline = time.time() + 90
+            while boots() < n:
+                check(time.time() < deadline, f"boot {n} did not come")
+                time.sleep(0.3)
+
+        before = boots()  # the console log is kept across runs
         k.keel("start", "life", check_rc=0)
+        wait_boots(before + 1)
+        k.keel("reboot", "life", check_rc=0)
+        wait_boots(before + 2)
         k.keel("undefine", "life", check_rc=5)  # running
         t0 = time.time()
         k.keel("destroy", "life", check_rc=0)
@@ -373,6 +386,73 @@ def t_events(args):
         k.cleanup()
 
 
+def t_storage_cli(args):
+    """Pools, volumes (qemu-img underneath) and networks through the keel CLI; keeld in a network
+    namespace of its own."""
+    k = Keeld(args, netns_cmd=["unshare", "--net", "--"]).start()
+    try:
+        p = k.keel("pool-list", check_rc=0)
+        check("default" in p.stdout and "active" in p.stdout, p.stdout)
+        k.keel("vol-create", "default", "base", "64M", check_rc=0)
+        k.keel("vol-create", "default", "base", "64M", check_rc=5)
+        k.keel("vol-create", "default", "raw1", "1M", "--format", "raw", check_rc=0)
+        k.keel("vol-create", "nopool", "x", "1M", check_rc=4)
+        k.keel("vol-create", "default", "bad", "lots", check_rc=2)
+        k.keel("vol-clone", "default", "base", "child", check_rc=0)
+        k.keel("vol-clone", "default", "base", "full", "--mode", "copy", check_rc=0)
+        info = json.loads(k.keel("vol-info", "default", "child", "-o", "json", check_rc=0).stdout)
+        check(info["format"] == "qcow2" and info["backing"].endswith("/base"), str(info))
+        out = subprocess.run(["qemu-img", "info", "--output=json", info["path"]], capture_output=True, text=True)
+        check(json.loads(out.stdout)["backing-filename"].endswith("/base"), "qemu-img disagrees about the backing file")
+        full = json.loads(k.keel("vol-info", "default", "full", "-o", "json", check_rc=0).stdout)
+        check("backing" not in full and full["capacity"] == 64 << 20, str(full))
+        k.keel("vol-resize", "default", "full", "128M", check_rc=0)
+        full = json.loads(k.keel("vol-info", "default", "full", "-o", "json", check_rc=0).stdout)
+        check(full["capacity"] == 128 << 20, str(full))
+        src = os.path.join(k.dir, "payload.bin")
+        with open(src, "wb") as f:
+            f.write(os.urandom(1 << 20))
+        k.keel("vol-upload", "default", "raw1", src, check_rc=0)
+        dst = os.path.join(k.dir, "back.bin")
+        k.keel("vol-download", "default", "raw1", dst, check_rc=0)
+        with open(src, "rb") as a, open(dst, "rb") as b:
+            check(a.read() == b.read(), "download differs from upload")
+        p = k.keel("vol-list", "default", check_rc=0)
+        for v in ("base", "child", "full", "raw1"):
+            check(v in p.stdout, p.stdout)
+        k.keel("vol-delete", "default", "full", check_rc=0)
+        k.keel("vol-delete", "default", "full", check_rc=4)
+        # A disk from a volume: define resolves it, start would open it.
+        status, body = k.api("POST", "/v1/domains", guest_def(args, "withvol", disks=[{"volume": "default/child"}]))
+        check(status == 201 and body["disks"][0]["volume"] == "default/child", str(body))
+        pooldir = os.path.join(k.dir, "pool2")
+        k.keel("pool-define", "second", pooldir, check_rc=0)
+        check(os.path.isdir(pooldir), "pool directory not made")
+        k.keel("pool-define", "second", pooldir, check_rc=5)
+        k.keel("pool-undefine", "second", check_rc=0)
+
+        net = os.path.join(k.dir, "net.json")
+        with open(net, "w") as f:
+            json.dump({"name": "lab", "bridge": "kbr-lab", "mode": "routed", "address": "10.78.0.1",
+                       "dhcp_start": "10.78.0.10", "dhcp_end": "10.78.0.20"}, f)
+        k.keel("net-define", net, check_rc=0)
+        k.keel("net-define", net, check_rc=5)
+        k.keel("net-start", "lab", check_rc=0)
+        p = k.keel("net-list", "-o", "json", check_rc=0)
+        lab = [n for n in json.loads(p.stdout) if n["name"] == "lab"][0]
+        check(lab["active"] and lab["mode"] == "routed", str(lab))
+        k.keel("net-stop", "lab", check_rc=0)
+        lab = [n for n in json.loads(k.keel("net-list", "-o", "json").stdout) if n["name"] == "lab"][0]
+        check(not lab["active"], str(lab))
+        k.keel("net-undefine", "lab", check_rc=0)
+        with open(net, "w") as f:
+            json.dump({"name": "bad", "address": "10.78.0.1", "mode": "bridged"}, f)
+        p = k.keel("net-define", net, check_rc=2)
+        check("mode" in p.stderr, p.stderr)
+    finally:
+        k.cleanup()
+
+
 if __name__ == "__main__":
     main({"lifecycle": t_lifecycle, "reattach": t_reattach, "hotplug": t_hotplug, "network": t_network,
-          "bad_input": t_bad_input, "events": t_events})
+          "bad_input": t_bad_input, "events": t_events, "storage_cli": t_storage_cli})
