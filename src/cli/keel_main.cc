@@ -3,7 +3,9 @@
 // Exit codes (scripts can rely on them):
 //   0 success; 1 the operation failed; 2 bad usage or input rejected by keeld (400);
 //   3 cannot reach keeld; 4 no such object (404); 5 conflict or wrong state (409).
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <termios.h>
 #include <unistd.h>
@@ -12,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <thread>
 
@@ -66,6 +69,14 @@ int exit_for_status(int status) {
   if (status == 409) return kConflict;
   if (status == 400 || status == 413 || status == 405) return kUsage;
   return kFailed;
+}
+
+void check_status(const HttpClientResponse& r) {
+  if (r.status < 400) return;
+  json j = json::parse(r.body, nullptr, false);
+  std::string msg = r.body;
+  if (!j.is_discarded() && j.contains("error") && j["error"].contains("message")) msg = j["error"]["message"].get<std::string>();
+  die(exit_for_status(r.status), msg);
 }
 
 // One API call; on an HTTP error prints keeld's message and exits with the matching code.
@@ -649,7 +660,14 @@ int main(int argc, char** argv) {
   vup->add_option("file", file)->required();
   vup->callback([&] {
     action = [&] {
-      call("PUT", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/data", read_input_file(file));
+      auto fd = UniqueFd::open(file, O_RDONLY);
+      if (!fd) die(kUsage, fd.error().message());
+      struct stat st;
+      if (::fstat(fd->get(), &st) < 0) die(kUsage, "stat " + file);
+      auto r = http_upload(target(), "PUT", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/data", fd->get(),
+                           static_cast<uint64_t>(st.st_size));
+      if (!r) die(kNoConnect, r.error().message());
+      check_status(*r);
       print_ok(fmt::format("Uploaded {} to volume '{}'", file, vol));
       return kOk;
     };
@@ -660,8 +678,14 @@ int main(int argc, char** argv) {
   vdown->add_option("file", file)->required();
   vdown->callback([&] {
     action = [&] {
-      auto r = call("GET", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/data");
-      if (auto w = write_file(file, r.body); !w) die(kFailed, w.error().message());
+      std::string tmp = file + ".part";
+      auto fd = UniqueFd::open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (!fd) die(kFailed, fd.error().message());
+      auto r = http_download(target(), "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/data", fd->get());
+      if (!r || r->status >= 300) ::unlink(tmp.c_str());
+      if (!r) die(kNoConnect, r.error().message());
+      check_status(*r);
+      if (::rename(tmp.c_str(), file.c_str()) < 0) die(kFailed, "rename " + tmp + ": " + std::strerror(errno));
       print_ok(fmt::format("Downloaded volume '{}' to {}", vol, file));
       return kOk;
     };

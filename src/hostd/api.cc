@@ -1,6 +1,8 @@
 #include "hostd/api.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -417,16 +419,48 @@ void install_api(HttpServer& server, ApiContext& ctx) {
     if (!size) return error_response(size.error());
     return reply(ctx.pools.resize_volume(req.params["pool"], req.params["vol"], *size));
   });
-  server.route("PUT", "/v1/pools/{pool}/volumes/{vol}/data", [&ctx](HttpRequest& req) {
-    return reply(ctx.pools.upload(req.params["pool"], req.params["vol"], req.body));
+  // Volume data streams both ways, so images larger than a request body can be moved.
+  server.streaming("PUT", "/v1/pools/{pool}/volumes/{vol}/data", [&ctx](HttpRequest& req, Stream& s) {
+    std::string carry = std::move(req.headers["x-keel-carry"]);
+    auto size = content_length(req);
+    if (!size) {
+      write_response(s, error_response(size.error()), true);
+      return;
+    }
+    auto r = ctx.pools.upload_from(req.params["pool"], req.params["vol"], *size, [&](char* buf, size_t len) -> Result<size_t> {
+      if (!carry.empty()) {
+        size_t n = std::min(len, carry.size());
+        std::memcpy(buf, carry.data(), n);
+        carry.erase(0, n);
+        return n;
+      }
+      return s.read_some(buf, len);
+    });
+    write_response(s, r ? HttpResponse::json(200, {{"ok", true}, {"bytes", *size}}) : error_response(r.error()), true);
   });
-  server.route("GET", "/v1/pools/{pool}/volumes/{vol}/data", [&ctx](HttpRequest& req) {
-    auto data = ctx.pools.download(req.params["pool"], req.params["vol"]);
-    if (!data) return error_response(data.error());
-    HttpResponse r;
-    r.content_type = "application/octet-stream";
-    r.body = std::move(*data);
-    return r;
+  server.streaming("GET", "/v1/pools/{pool}/volumes/{vol}/data", [&ctx](HttpRequest& req, Stream& s) {
+    auto path = ctx.pools.data_path(req.params["pool"], req.params["vol"]);
+    if (!path) {
+      write_response(s, error_response(path.error()), true);
+      return;
+    }
+    auto fd = UniqueFd::open(*path, O_RDONLY);
+    struct stat st;
+    if (!fd || ::fstat(fd->get(), &st) < 0) {
+      write_response(s, HttpResponse::error(500, "cannot open " + *path), true);
+      return;
+    }
+    std::string head = fmt::format("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n"
+                                   "Connection: close\r\n\r\n",
+                                   st.st_size);
+    if (!s.write_all(head)) return;
+    std::vector<char> buf(1 << 20);
+    for (;;) {
+      ssize_t n = ::read(fd->get(), buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;
+      if (!s.write_all(buf.data(), static_cast<size_t>(n))) return;
+    }
   });
 
   // ---- networks ----

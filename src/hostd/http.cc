@@ -226,7 +226,7 @@ Result<HttpRequest> parse_request_head(std::string_view head) {
   return req;
 }
 
-Result<std::optional<HttpRequest>> read_request(Stream& s, std::string& carry) {
+Result<std::optional<HttpRequest>> read_request_head(Stream& s, std::string& carry) {
   size_t head_end;
   while ((head_end = carry.find("\r\n\r\n")) == std::string::npos) {
     if (carry.size() > kMaxHead) return fail_invalid("request head larger than {} bytes", kMaxHead);
@@ -242,22 +242,35 @@ Result<std::optional<HttpRequest>> read_request(Stream& s, std::string& carry) {
   HttpRequest req = TRY(parse_request_head(std::string_view(carry).substr(0, head_end)));
   carry.erase(0, head_end + 4);
   if (!req.header("transfer-encoding").empty()) return fail_invalid("chunked request bodies are not supported");
-  std::string cl = req.header("content-length");
-  if (!cl.empty()) {
-    if (cl.size() > 12 || cl.find_first_not_of("0123456789") != std::string::npos)
-      return fail_invalid("bad Content-Length");
-    size_t len = std::stoull(cl);
-    if (len > kMaxBody) return fail(E2BIG, fmt::format("request body larger than {} bytes", kMaxBody));
-    while (carry.size() < len) {
-      char buf[16384];
-      size_t n = TRY(s.read_some(buf, std::min(sizeof buf, len - carry.size())));
-      if (n == 0) return fail_invalid("connection closed in the middle of a request body");
-      carry.append(buf, n);
-    }
-    req.body = carry.substr(0, len);
-    carry.erase(0, len);
-  }
   return std::optional<HttpRequest>(std::move(req));
+}
+
+Result<uint64_t> content_length(const HttpRequest& req) {
+  std::string cl = req.header("content-length");
+  if (cl.empty()) return uint64_t{0};
+  if (cl.size() > 15 || cl.find_first_not_of("0123456789") != std::string::npos) return fail_invalid("bad Content-Length");
+  return std::stoull(cl);
+}
+
+Result<void> read_request_body(Stream& s, std::string& carry, HttpRequest& req) {
+  uint64_t len = TRY(content_length(req));
+  if (len > kMaxBody) return fail(E2BIG, fmt::format("request body larger than {} bytes", kMaxBody));
+  while (carry.size() < len) {
+    char buf[16384];
+    size_t n = TRY(s.read_some(buf, std::min<size_t>(sizeof buf, len - carry.size())));
+    if (n == 0) return fail_invalid("connection closed in the middle of a request body");
+    carry.append(buf, n);
+  }
+  req.body = carry.substr(0, len);
+  carry.erase(0, len);
+  return ok();
+}
+
+Result<std::optional<HttpRequest>> read_request(Stream& s, std::string& carry) {
+  auto req = TRY(read_request_head(s, carry));
+  if (!req) return req;
+  TRY(read_request_body(s, carry, *req));
+  return req;
 }
 
 std::string websocket_accept_key(const std::string& client_key) {
@@ -335,12 +348,28 @@ Result<std::optional<WsFrame>> ws_read(Stream& s, std::string& carry, size_t max
 
 HttpServer::~HttpServer() { stop(); }
 
+void write_response(Stream& s, const HttpResponse& resp, bool close) {
+  std::string out = fmt::format("HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n", resp.status,
+                                status_text(resp.status), resp.content_type, resp.body.size());
+  for (auto& [k, v] : resp.headers) out += fmt::format("{}: {}\r\n", k, v);
+  if (close) out += "Connection: close\r\n";
+  out += "\r\n";
+  out += resp.body;
+  (void)s.write_all(out);
+}
+
+void HttpServer::streaming(const std::string& method, const std::string& pattern, UpgradeHandler h) {
+  Route r{method, split_path(pattern), {}, {}, {}, {}};
+  r.stream = std::move(h);
+  routes_.push_back(std::move(r));
+}
+
 void HttpServer::route(const std::string& method, const std::string& pattern, Handler h) {
-  routes_.push_back(Route{method, split_path(pattern), std::move(h), {}, {}});
+  routes_.push_back(Route{method, split_path(pattern), std::move(h), {}, {}, {}});
 }
 
 void HttpServer::websocket(const std::string& pattern, UpgradeHandler h, Handler fallback, UpgradeHandler raw) {
-  routes_.push_back(Route{"GET", split_path(pattern), std::move(fallback), std::move(h), std::move(raw)});
+  routes_.push_back(Route{"GET", split_path(pattern), std::move(fallback), std::move(h), std::move(raw), {}});
 }
 
 const HttpServer::Route* HttpServer::match(const HttpRequest& req, std::map<std::string, std::string>& params,
@@ -508,8 +537,25 @@ void HttpServer::accept_loop(Listener& l) {
 void HttpServer::serve(std::unique_ptr<Stream> s, bool over_tcp) {
   std::string carry;
   for (;;) {
-    auto req = read_request(*s, carry);
+    auto req = read_request_head(*s, carry);
     if (!req && (req.error().code() == EAGAIN || req.error().code() == EWOULDBLOCK)) return;  // idle
+    if (req && *req) {
+      // Streaming routes read the body themselves (volume uploads larger than kMaxBody).
+      bool path_matched = false;
+      std::map<std::string, std::string> params;
+      const Route* r = match(**req, params, path_matched);
+      if (r && r->stream) {
+        if (auto rejected = filter_ ? filter_(**req, over_tcp) : std::nullopt) {
+          write_response(*s, *rejected, true);
+          return;
+        }
+        (*req)->params = std::move(params);
+        (*req)->headers["x-keel-carry"] = std::move(carry);
+        r->stream(**req, *s);
+        return;
+      }
+      if (auto b = read_request_body(*s, carry, **req); !b) req = fail(b.error());
+    }
     if (!req) {
       int status = req.error().code() == E2BIG ? 413 : 400;
       HttpResponse r = HttpResponse::error(status, req.error().message());
@@ -721,6 +767,56 @@ Result<HttpClientResponse> http_request(const ConnectTarget& t, const std::strin
   TRY(s->write_all(req));
   std::string carry;
   return read_response(*s, carry, false);
+}
+
+Result<HttpClientResponse> http_upload(const ConnectTarget& t, const std::string& method, const std::string& path,
+                                       int fd, uint64_t size) {
+  auto s = TRY(connect_stream(t));
+  std::string req = request_head(t, method, path);
+  req += fmt::format("Content-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n", size);
+  TRY(s->write_all(req));
+  std::vector<char> buf(1 << 20);
+  uint64_t sent = 0;
+  while (sent < size) {
+    ssize_t n = ::read(fd, buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), size - sent)));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail_errno("read");
+    if (n == 0) return fail_invalid("file shrank while uploading");
+    // keeld may answer early (an error) and close: its reply says why.
+    if (!s->write_all(buf.data(), static_cast<size_t>(n))) break;
+    sent += static_cast<uint64_t>(n);
+  }
+  std::string carry;
+  return read_response(*s, carry, false);
+}
+
+Result<HttpClientResponse> http_download(const ConnectTarget& t, const std::string& path, int out_fd) {
+  auto s = TRY(connect_stream(t));
+  std::string req = request_head(t, "GET", path) + "Content-Length: 0\r\nConnection: close\r\n\r\n";
+  TRY(s->write_all(req));
+  std::string carry;
+  auto r = TRY(read_response(*s, carry, true));
+  if (r.status < 200 || r.status >= 300) {
+    for (;;) {
+      char buf[4096];
+      size_t n = TRY(s->read_some(buf, sizeof buf));
+      if (n == 0 || carry.size() > 65536) break;
+      carry.append(buf, n);
+    }
+    r.body = std::move(carry);
+    return r;
+  }
+  uint64_t want = std::strtoull(r.headers["content-length"].c_str(), nullptr, 10);
+  uint64_t got = carry.size();
+  TRY(write_all(out_fd, carry.data(), carry.size()));
+  std::vector<char> buf(1 << 20);
+  while (got < want) {
+    size_t n = TRY(s->read_some(buf.data(), buf.size()));
+    if (n == 0) return fail(ECONNRESET, fmt::format("download ended after {} of {} bytes", got, want));
+    TRY(write_all(out_fd, buf.data(), n));
+    got += n;
+  }
+  return r;
 }
 
 Result<std::unique_ptr<Stream>> websocket_connect(const ConnectTarget& t, const std::string& path, std::string& carry) {

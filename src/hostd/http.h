@@ -69,6 +69,11 @@ std::string_view status_text(int status);
 constexpr size_t kMaxHead = 16 << 10;
 constexpr size_t kMaxBody = 8 << 20;
 Result<std::optional<HttpRequest>> read_request(Stream& s, std::string& carry);
+// The same in two steps: the head, then (Content-Length bounded by kMaxBody) the body.
+Result<std::optional<HttpRequest>> read_request_head(Stream& s, std::string& carry);
+Result<void> read_request_body(Stream& s, std::string& carry, HttpRequest& req);
+Result<uint64_t> content_length(const HttpRequest& req);
+void write_response(Stream& s, const HttpResponse& resp, bool close);
 // Parses the head (request line + headers, without the final blank line). Exposed for fuzzing.
 Result<HttpRequest> parse_request_head(std::string_view head);
 std::string url_decode(std::string_view s);
@@ -102,6 +107,9 @@ public:
   // `raw` takes the connection for a plain GET and writes its own response (server-sent events).
   void websocket(const std::string& pattern, UpgradeHandler h, Handler fallback = {}, UpgradeHandler raw = {});
   void set_filter(Filter f) { filter_ = std::move(f); }
+  // A route whose handler reads the request body from the stream itself (after the bytes in
+  // req.headers["x-keel-carry"]) and writes the whole response; the connection closes after it.
+  void streaming(const std::string& method, const std::string& pattern, UpgradeHandler h);
 
   Result<void> listen_unix(const std::string& path);
   // TCP always with TLS: cert and key are PEM files.
@@ -120,6 +128,7 @@ private:
     Handler handler;
     UpgradeHandler upgrade;
     UpgradeHandler raw;
+    UpgradeHandler stream;
   };
   struct Listener {
     UniqueFd fd;
@@ -160,6 +169,11 @@ struct HttpClientResponse {
 Result<std::unique_ptr<Stream>> connect_stream(const ConnectTarget& t);
 Result<HttpClientResponse> http_request(const ConnectTarget& t, const std::string& method,
                                         const std::string& path, const std::string& body = {});
+// Sends `size` bytes from `fd` as the body (volume uploads).
+Result<HttpClientResponse> http_upload(const ConnectTarget& t, const std::string& method, const std::string& path,
+                                       int fd, uint64_t size);
+// GETs `path`; a 2xx body goes to `out_fd` (not kept in memory), anything else into the response.
+Result<HttpClientResponse> http_download(const ConnectTarget& t, const std::string& path, int out_fd);
 // Opens a WebSocket; the returned stream is past the 101 response (and `carry` holds any bytes
 // already read beyond it).
 Result<std::unique_ptr<Stream>> websocket_connect(const ConnectTarget& t, const std::string& path,

@@ -214,6 +214,33 @@ Result<void> StoragePools::upload(const std::string& pool_name, const std::strin
   return ok();
 }
 
+Result<void> StoragePools::upload_from(const std::string& pool_name, const std::string& vol, uint64_t size,
+                                       const std::function<Result<size_t>(char*, size_t)>& read) {
+  auto path = TRY(volume_path(pool_name, vol, true));
+  std::string tmp = path + ".upload";
+  auto fd = TRY(UniqueFd::open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644));
+  auto fail_tmp = [&](Error e) -> Result<void> {
+    ::unlink(tmp.c_str());
+    return fail(std::move(e));
+  };
+  std::vector<char> buf(1 << 20);
+  uint64_t done = 0;
+  while (done < size) {
+    auto n = read(buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), size - done)));
+    if (!n) return fail_tmp(n.error());
+    if (*n == 0) return fail_tmp(Error::invalid(fmt::format("upload ended after {} of {} bytes", done, size)));
+    if (auto w = write_all(fd.get(), buf.data(), *n); !w) return fail_tmp(w.error());
+    done += *n;
+  }
+  if (::fsync(fd.get()) < 0) return fail_tmp(Error::from_errno("fsync " + tmp));
+  if (::rename(tmp.c_str(), path.c_str()) < 0) return fail_tmp(Error::from_errno("rename " + tmp));
+  return ok();
+}
+
+Result<std::string> StoragePools::data_path(const std::string& pool_name, const std::string& vol) {
+  return volume_path(pool_name, vol, true);
+}
+
 Result<std::string> StoragePools::download(const std::string& pool_name, const std::string& vol) {
   auto path = TRY(volume_path(pool_name, vol, true));
   return read_file(path);

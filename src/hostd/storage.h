@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -56,6 +57,12 @@ public:
   Result<void> resize_volume(const std::string& pool, const std::string& vol, uint64_t size);
   Result<void> delete_volume(const std::string& pool, const std::string& vol);
   Result<void> upload(const std::string& pool, const std::string& vol, std::string_view data);
+  // Streams `size` bytes from `read` (which returns 0 at EOF) into the volume, replacing it whole
+  // only once everything arrived.
+  Result<void> upload_from(const std::string& pool, const std::string& vol, uint64_t size,
+                           const std::function<Result<size_t>(char*, size_t)>& read);
+  // The file behind an existing volume (for streaming downloads).
+  Result<std::string> data_path(const std::string& pool, const std::string& vol);
   Result<std::string> download(const std::string& pool, const std::string& vol);
 
   // "pool/volume" -> path and format of an existing volume.

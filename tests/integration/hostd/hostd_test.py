@@ -411,12 +411,22 @@ def t_storage_cli(args):
         check(full["capacity"] == 128 << 20, str(full))
         src = os.path.join(k.dir, "payload.bin")
         with open(src, "wb") as f:
-            f.write(os.urandom(1 << 20))
+            f.write(os.urandom(12 << 20))  # larger than a request body may be: streamed both ways
         k.keel("vol-upload", "default", "raw1", src, check_rc=0)
         dst = os.path.join(k.dir, "back.bin")
         k.keel("vol-download", "default", "raw1", dst, check_rc=0)
         with open(src, "rb") as a, open(dst, "rb") as b:
             check(a.read() == b.read(), "download differs from upload")
+        k.keel("vol-download", "default", "nosuch", dst, check_rc=4)
+        # An upload cut short leaves the volume as it was.
+        import socket as sk
+        with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as c:
+            c.connect(k.socket)
+            c.sendall(b"PUT /v1/pools/default/volumes/raw1/data HTTP/1.1\r\nHost: k\r\nContent-Length: 1000000\r\n\r\npartial")
+        time.sleep(0.3)
+        k.keel("vol-download", "default", "raw1", dst, check_rc=0)
+        with open(src, "rb") as a, open(dst, "rb") as b:
+            check(a.read() == b.read(), "a cut-short upload changed the volume")
         p = k.keel("vol-list", "default", check_rc=0)
         for v in ("base", "child", "full", "raw1"):
             check(v in p.stdout, p.stdout)
