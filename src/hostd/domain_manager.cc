@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -55,6 +56,16 @@ std::string tap_name(const std::string& uuid, const std::string& nic_id) {
   return ("kt" + uuid.substr(0, 8) + "-" + id).substr(0, 15);
 }
 
+
+void restore_owners(const json& owners) {
+  if (!owners.is_object()) return;
+  for (auto it = owners.begin(); it != owners.end(); ++it) {
+    const json& v = it.value();
+    if (!v.is_array() || v.size() != 2 || !v[0].is_number_unsigned() || !v[1].is_number_unsigned()) continue;
+    if (::chown(it.key().c_str(), v[0].get<uid_t>(), v[1].get<gid_t>()) < 0)
+      KEEL_LOG_WARN("cannot give {} back to uid {}: {}", it.key(), v[0].get<uid_t>(), std::strerror(errno));
+  }
+}
 
 struct LinkCounters {
   uint64_t rx_bytes, rx_packets, tx_bytes, tx_packets;
@@ -329,11 +340,19 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
     }
   }
   int uid = identity.uid == static_cast<uid_t>(-1) ? -1 : static_cast<int>(identity.uid);
+  json owners = json::object();
   if (uid >= 0) {
-    // Hand the runtime dir and images to QEMU's user (libvirt's DAC driver does the same).
+    // Hand the runtime dir and images to QEMU's user (libvirt's DAC driver does the same); the
+    // images' owners are given back when the VM stops.
     if (::chown(dir.c_str(), identity.uid, identity.gid) < 0) return fail_errno("chown " + dir);
-    for (auto& d : def.disks)
-      if (::chown(d.path.c_str(), identity.uid, identity.gid) < 0) return fail_errno("chown " + d.path);
+    for (auto& d : def.disks) {
+      struct stat st;
+      if (::stat(d.path.c_str(), &st) == 0) owners[d.path] = {st.st_uid, st.st_gid};
+      if (::chown(d.path.c_str(), identity.uid, identity.gid) < 0) {
+        restore_owners(owners);
+        return fail_errno("chown " + d.path);
+      }
+    }
   }
 
   qemu::LaunchConfig lc;
@@ -378,6 +397,7 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   rec.pid = *pid;
   rec.state = paused || incoming ? "paused" : "running";
   rec.live = json::object();
+  rec.live["owners"] = owners;
   TRY(store_.update_domain(rec));
   auto attached = attach(rec.name, *pid);
   if (!attached) {
@@ -452,6 +472,7 @@ void DomainManager::cleanup_after_stop(const std::string& name, pid_t pid, const
   }
   std::string dir = run_dir(name);
   for (auto f : {"/qmp.sock", "/console.sock", "/qemu.pid"}) ::unlink((dir + f).c_str());
+  if (r.live.contains("owners")) restore_owners(r.live["owners"]);
   r.pid = 0;
   r.state = "shutoff";
   r.live = json::object();
@@ -709,8 +730,12 @@ Result<qemu::DiskDef> DomainManager::attach_disk(const std::string& name, qemu::
     auto* r = TRY(running(name));
     std::string port = TRY(free_hotplug_port(name, rec));
     auto ident = identity_of(r->pid);
-    if (ident.uid != static_cast<uid_t>(-1) && ::chown(resolved.path.c_str(), ident.uid, ident.gid) < 0)
-      return fail_errno("chown " + resolved.path);
+    if (ident.uid != static_cast<uid_t>(-1)) {
+      struct stat st;
+      if (::stat(resolved.path.c_str(), &st) == 0 && !rec.live["owners"].contains(resolved.path))
+        rec.live["owners"][resolved.path] = {st.st_uid, st.st_gid};
+      if (::chown(resolved.path.c_str(), ident.uid, ident.gid) < 0) return fail_errno("chown " + resolved.path);
+    }
     TRY(r->qmp->execute("blockdev-add", qemu::blockdev_add_args(resolved)));
     auto dev = r->qmp->execute("device_add", qemu::disk_device_args(resolved, port));
     if (!dev) {

@@ -175,6 +175,9 @@ def t_hotplug(args):
         check(defn["disks"] == [] and defn["nics"] == [], f"definition after detach: {defn}")
         status, body = k.api("DELETE", "/v1/domains/hot/disks/vdb")
         check(status == 404, f"detach again: {status}")
+        # Attached again (and left attached) so the ownership hand-over and return are seen.
+        status, body = k.api("POST", "/v1/domains/hot/disks", {"volume": "default/hp", "id": "vdb"})
+        check(status == 201, f"attach disk again: {status} {body}")
         # The guest wrote to the volume while it was attached.
         status, data = k.api("GET", "/v1/pools/default/volumes/hp")
         check(status == 200 and data["format"] == "qcow2", f"vol-info: {data}")
@@ -188,7 +191,10 @@ def t_hotplug(args):
         check("cpu_time_ns" in stats, f"stats: {stats}")
         metrics = k.api("GET", "/metrics")[1]
         check('keel_domain_cpu_seconds_total{domain="hot"}' in metrics, metrics[:500])
+        vol_path = k.api("GET", "/v1/pools/default/volumes/hp")[1]["path"]
+        check(os.stat(vol_path).st_uid == pwd.getpwnam("nobody").pw_uid, "volume not handed to nobody")
         k.api("POST", "/v1/domains/hot/destroy")
+        check(os.stat(vol_path).st_uid == 0, "volume not given back to root after the VM stopped")
     finally:
         k.cleanup()
 
