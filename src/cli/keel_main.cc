@@ -150,7 +150,10 @@ int console(const std::string& name, const std::string& until, double timeout_s)
   std::string carry;
   auto ws = websocket_connect(target(), "/v1/domains/" + enc(name) + "/console", carry);
   if (!ws) {
-    int code = ws.error().code() == ENOENT ? kNotFound : (ws.error().code() == ECONNREFUSED ? kNoConnect : kConflict);
+    int code = ws.error().code() == ENOENT ? kNotFound
+               : ws.error().code() == EBUSY ? kConflict
+               : ws.error().code() == EINVAL ? kUsage
+                                             : kNoConnect;
     die(code, ws.error().message());
   }
   bool tty = ::isatty(0);

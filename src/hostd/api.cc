@@ -371,8 +371,19 @@ void install_api(HttpServer& server, ApiContext& ctx) {
     r.body = std::move(*log);
     return r;
   });
-  server.websocket("/v1/domains/{name}/console",
-                   [&ctx](HttpRequest& req, Stream& s) { console_session(ctx, req, s); });
+  server.websocket(
+      "/v1/domains/{name}/console", [&ctx](HttpRequest& req, Stream& s) { console_session(ctx, req, s); },
+      [&ctx](HttpRequest& req) {
+        // Vets the upgrade (and answers plain GETs): only a running domain has a console.
+        auto path = ctx.domains.console_socket(req.params["name"]);
+        if (!path) return error_response(path.error());
+        {
+          std::lock_guard lock(g_console_mutex);
+          if (g_console_busy.count(req.params["name"]))
+            return HttpResponse::error(409, fmt::format("the console of '{}' is in use by another client", req.params["name"]));
+        }
+        return HttpResponse::error(426, "the console is a WebSocket: send Upgrade: websocket");
+      });
 
   // ---- storage ----
   server.route("GET", "/v1/pools", [&ctx](HttpRequest&) { return reply(ctx.pools.list_pools()); });

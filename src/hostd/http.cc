@@ -141,6 +141,7 @@ std::string_view status_text(int status) {
     case 409: return "Conflict";
     case 413: return "Payload Too Large";
     case 422: return "Unprocessable Entity";
+    case 426: return "Upgrade Required";
     case 500: return "Internal Server Error";
     case 503: return "Service Unavailable";
     default: return "Unknown";
@@ -575,6 +576,12 @@ void HttpServer::serve(std::unique_ptr<Stream> s, bool over_tcp) {
       bool path_matched = false;
       const Route* r = rejected ? nullptr : match(rq, rq.params, path_matched);
       if (!rejected && (!r || !r->upgrade)) rejected = HttpResponse::error(404, "no WebSocket endpoint here");
+      // The route's plain handler vets the upgrade first: 426 means "go ahead", anything else is
+      // the answer (e.g. 409 for the console of a domain that is not running).
+      if (!rejected && r->handler) {
+        HttpResponse check = r->handler(rq);
+        if (check.status != 426) rejected = check;
+      }
       if (!rejected && rq.header("sec-websocket-key").empty())
         rejected = HttpResponse::error(400, "missing Sec-WebSocket-Key");
       if (rejected) {
@@ -820,7 +827,10 @@ Result<HttpClientResponse> http_download(const ConnectTarget& t, const std::stri
 }
 
 Result<std::unique_ptr<Stream>> websocket_connect(const ConnectTarget& t, const std::string& path, std::string& carry) {
-  auto s = TRY(connect_stream(t));
+  auto connected = connect_stream(t);
+  // ECONNREFUSED for every failure to reach keeld, so callers can tell it from a refusal.
+  if (!connected) return fail(ECONNREFUSED, connected.error().message());
+  auto s = std::move(*connected);
   unsigned char key_bytes[16];
   std::random_device rd;
   for (auto& b : key_bytes) b = static_cast<unsigned char>(rd());
@@ -845,7 +855,7 @@ Result<std::unique_ptr<Stream>> websocket_connect(const ConnectTarget& t, const 
     json j = json::parse(carry, nullptr, false);
     if (!j.is_discarded() && j.contains("error") && j["error"].contains("message"))
       msg = j["error"]["message"].get<std::string>();
-    return fail(r.status == 404 ? ENOENT : EINVAL, msg);
+    return fail(r.status == 404 ? ENOENT : r.status == 409 ? EBUSY : EINVAL, msg);
   }
   if (r.headers["sec-websocket-accept"] != websocket_accept_key(key))
     return fail_invalid("WebSocket handshake: wrong Sec-WebSocket-Accept");

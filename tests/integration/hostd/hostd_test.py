@@ -32,6 +32,18 @@ def t_lifecycle(args):
         out = k.console_run("life", "echo keel-$((40+2))-marker > /tmp/state-file", "M1")
         check("M1-42" in out, out)
 
+        # One console client at a time; the second is refused (exit 5) and the first keeps working.
+        env = dict(os.environ, KEEL_CONNECT="unix:" + k.socket)
+        first = subprocess.Popen([args.keel, "console", "life", "--until", "BUSY-42", "--timeout", "30"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        time.sleep(0.5)
+        p = k.keel("console", "life", "--timeout", "3", check_rc=5)
+        check("in use" in p.stderr, p.stderr)
+        first.stdin.write(b"echo BUSY-$((6*7))\n")
+        first.stdin.flush()
+        out, _ = first.communicate(timeout=40)
+        check(first.returncode == 0 and b"BUSY-42" in out, f"first console: {first.returncode} {out[-300:]}")
+
         k.keel("suspend", "life", check_rc=0)
         check(k.state_of("life") == "paused", "not paused after suspend")
         p = k.keel("list", check_rc=0)
@@ -77,7 +89,10 @@ def t_lifecycle(args):
         check(time.time() - t0 < 5, "destroy took too long")
         check(k.state_of("life") == "shutoff", "running after destroy")
         k.keel("destroy", "life", check_rc=5)
+        p = k.keel("console", "life", "--timeout", "3", check_rc=5)
+        check("not running" in p.stderr, p.stderr)
         k.keel("undefine", "life", check_rc=0)
+        k.keel("console", "life", "--timeout", "3", check_rc=4)
         k.keel("dominfo", "life", check_rc=4)
     finally:
         k.cleanup()
