@@ -1,0 +1,62 @@
+// Networks: a Linux bridge per network with dnsmasq (Debian's dnsmasq-base, as libvirt uses) for
+// DHCP and DNS, and tap devices for guest NICs. Behind this interface so keel-switch can replace
+// the bridge later.
+//
+// Modes: "isolated" (guests and host only), "routed" (the host forwards, no NAT), "nat" (routed and
+// masqueraded with iptables, when iptables exists). Networks start lazily, when a guest needs one.
+// Bridge, taps and dnsmasq outlive keeld, like the guests that use them.
+#pragma once
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/result.h"
+#include "hostd/state_store.h"
+
+namespace keel::hostd {
+
+struct NetworkDef {
+  std::string name;
+  std::string bridge;         // Linux interface name, at most 15 characters
+  std::string mode = "isolated";
+  std::string address;        // host address on the bridge, e.g. 10.77.0.1
+  int prefix = 24;
+  std::string dhcp_start;     // empty: no DHCP
+  std::string dhcp_end;
+};
+
+Result<NetworkDef> network_from_json(const nlohmann::json& j);
+nlohmann::json network_to_json(const NetworkDef& d);
+
+class Networks {
+public:
+  Networks(StateStore& store, std::string run_dir);
+
+  Result<void> ensure_default();
+  Result<nlohmann::json> list();
+  Result<void> define(const NetworkDef& def);
+  Result<void> undefine(const std::string& name);
+  Result<void> start(const std::string& name);   // idempotent
+  Result<void> stop(const std::string& name);
+  Result<nlohmann::json> leases(const std::string& name);
+
+  // A tap on the network's bridge (the network is started if needed), owned by `uid` so an
+  // unprivileged QEMU can open it.
+  Result<std::string> create_tap(const std::string& network, const std::string& tap_name, int uid);
+  Result<std::string> create_bridge_tap(const std::string& bridge, const std::string& tap_name, int uid);
+  void delete_tap(const std::string& tap_name);
+
+private:
+  Result<NetworkRecord> get(const std::string& name);
+  bool link_exists(const std::string& ifname) const;
+  std::string dir(const std::string& name) const { return run_dir_ + "/net-" + name; }
+
+  StateStore& store_;
+  std::string run_dir_;
+  std::mutex mutex_;
+};
+
+}  // namespace keel::hostd

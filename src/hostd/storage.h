@@ -1,0 +1,79 @@
+// Storage pools (directories) and their volumes. Image operations go through VolumeBackend:
+// QemuImgBackend today, Keel's own disk library (src/disk) when it lands.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/result.h"
+#include "hostd/state_store.h"
+
+namespace keel::hostd {
+
+struct VolumeInfo {
+  std::string format;     // "qcow2", "raw", ...
+  uint64_t capacity = 0;  // virtual size
+  uint64_t allocation = 0;
+  std::string backing;    // backing file, if any
+};
+
+class VolumeBackend {
+public:
+  virtual ~VolumeBackend() = default;
+  virtual Result<void> create(const std::string& path, const std::string& format, uint64_t size) = 0;
+  // A qcow2 overlay whose reads fall through to `backing` until written.
+  virtual Result<void> create_overlay(const std::string& path, const std::string& backing,
+                                      const std::string& backing_format) = 0;
+  virtual Result<void> copy(const std::string& from, const std::string& to, const std::string& format) = 0;
+  virtual Result<void> resize(const std::string& path, uint64_t size) = 0;
+  virtual Result<VolumeInfo> info(const std::string& path) = 0;
+};
+
+std::unique_ptr<VolumeBackend> make_qemu_img_backend();
+
+class StoragePools {
+public:
+  StoragePools(StateStore& store, std::unique_ptr<VolumeBackend> backend);
+
+  // Creates the "default" pool at `dir` on first start.
+  Result<void> ensure_default(const std::string& dir);
+
+  Result<nlohmann::json> list_pools();
+  Result<void> define_pool(const std::string& name, const std::string& path);
+  Result<void> undefine_pool(const std::string& name);
+
+  Result<nlohmann::json> list_volumes(const std::string& pool);
+  Result<nlohmann::json> volume_info(const std::string& pool, const std::string& vol);
+  Result<void> create_volume(const std::string& pool, const std::string& vol, const std::string& format, uint64_t size);
+  // mode "overlay" (qcow2 on a backing file) or "copy" (full copy).
+  Result<void> clone_volume(const std::string& pool, const std::string& from, const std::string& to,
+                            const std::string& mode);
+  Result<void> resize_volume(const std::string& pool, const std::string& vol, uint64_t size);
+  Result<void> delete_volume(const std::string& pool, const std::string& vol);
+  Result<void> upload(const std::string& pool, const std::string& vol, std::string_view data);
+  // Streams `size` bytes from `read` (which returns 0 at EOF) into the volume, replacing it whole
+  // only once everything arrived.
+  Result<void> upload_from(const std::string& pool, const std::string& vol, uint64_t size,
+                           const std::function<Result<size_t>(char*, size_t)>& read);
+  // The file behind an existing volume (for streaming downloads).
+  Result<std::string> data_path(const std::string& pool, const std::string& vol);
+  Result<std::string> download(const std::string& pool, const std::string& vol);
+
+  // "pool/volume" -> path and format of an existing volume.
+  Result<std::pair<std::string, std::string>> resolve(const std::string& pool_slash_volume);
+
+private:
+  Result<PoolRecord> pool(const std::string& name);
+  Result<std::string> volume_path(const std::string& pool, const std::string& vol, bool must_exist);
+
+  StateStore& store_;
+  std::unique_ptr<VolumeBackend> backend_;
+};
+
+}  // namespace keel::hostd
