@@ -8,7 +8,7 @@ build="${1:-build}"
 [[ "$build" = /* ]] || build="$root/$build"
 
 if [[ -x "$build/src/hostd/keeld" && -f "$root/src/hostd/demo.sh" ]]; then
-  exec bash "$root/src/hostd/demo.sh" "$build"
+  KEEL_BUILD="$build" exec bash "$root/src/hostd/demo.sh"
 fi
 
 accel=$("$build/src/qemu/keel-accel")
