@@ -10,7 +10,8 @@ bridge br0 and two vhost-user ports, one per socket mode:
 Both guests (the guest kit, TCG) boot in parallel. vm2 pings vm1; then a flow installed with
 ovs-ofctl drops vm2's ICMP and vm2's ping fails; the flow is deleted and the ping works again. The
 guests wait on their serial console (`read`) between the steps, so the test and the guests move in
-lock step. Checked on the way: both guests end with KEEL-EXIT 0, fdb/show has both MACs,
+lock step. Then keel-switch is killed and started again with its saved configuration while the guests
+run: vm1's QEMU (reconnect=1) reconnects, the switch reconnects to vm2's QEMU, and vm2 pings again. Checked on the way: both guests end with KEEL-EXIT 0, fdb/show has both MACs,
 port-stats counts frames both ways, ovs-ofctl show and PORT_STATUS (ovs-ofctl monitor) report the
 links going up and down, a port with options:socket-path listens there, bad options are refused.
 Every process started here is ended by its pid; the namespace is deleted.
@@ -139,8 +140,10 @@ class Test:
                 return out
         return "tcg"
 
-    def start_guest(self, vm, sock, qemu_listens, command):
+    def start_guest(self, vm, sock, qemu_listens, command, reconnect=False):
         chardev = f"socket,id=c0,path={sock}" + (",server=on,wait=off" if qemu_listens else "")
+        if reconnect:
+            chardev += ",reconnect=1"
         run64 = base64.b64encode(command.encode()).decode()
         append = (f"console=ttyS0 quiet panic=-1 keel.hostname={vm['name']} keel.ip={vm['ip']}/24 "
                   f"keel.run64={run64}")
@@ -156,6 +159,36 @@ class Test:
         p = Process(vm["name"], args, stdin=subprocess.PIPE)
         self.procs.append(p)
         return p
+
+    def start_switch(self):
+        # A killed switch leaves its control socket behind: only a new one means it is up.
+        if os.path.exists(self.ctl_sock):
+            os.unlink(self.ctl_sock)
+        log = open(os.path.join(self.state, "keel-switch.log"), "a")
+        self.switch = subprocess.Popen(["ip", "netns", "exec", self.netns,
+                                        os.path.join(self.args.bin_dir, "keel-switch"), "--state-dir", self.state,
+                                        "--ctl-socket", self.ctl_sock, "--log-level", "info"],
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        for _ in range(200):
+            if os.path.exists(self.ctl_sock):
+                break
+            time.sleep(0.05)
+        else:
+            self.fail("keel-switch did not start")
+
+    def start_monitor(self, name):
+        # OVS_RUNDIR: where ovs-ofctl monitor puts its unixctl socket (/var/run/openvswitch may not exist).
+        monitor = Process(name, ["env", f"OVS_RUNDIR={self.tmp}", "ip", "netns", "exec", self.netns,
+                                 "ovs-ofctl", "-O", "OpenFlow13", "monitor", f"tcp:127.0.0.1:{OF_PORT}"])
+        self.procs.append(monitor)
+        time.sleep(0.5)
+        return monitor
+
+    def port_status_states(self, monitor, ofport, name):
+        """The port states PORT_STATUS(MODIFY) messages gave for a port, in order."""
+        return re.findall(rf"OFPT_PORT_STATUS.*MOD: {ofport}\({name}\):.*\n(?:\s+.*\n)*?\s+state:\s+(\S+)",
+                          monitor.output(400) + "\n")
 
     def cleanup(self):
         for p in reversed(self.procs):
@@ -184,17 +217,7 @@ class Test:
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
         subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
         os.makedirs(self.state)
-        log = open(os.path.join(self.state, "keel-switch.log"), "w")
-        self.switch = subprocess.Popen(["ip", "netns", "exec", self.netns,
-                                        os.path.join(self.args.bin_dir, "keel-switch"), "--state-dir", self.state,
-                                        "--ctl-socket", self.ctl_sock, "--log-level", "info"],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        for _ in range(200):
-            if os.path.exists(self.ctl_sock):
-                break
-            time.sleep(0.05)
-        else:
-            self.fail("keel-switch did not start")
+        self.start_switch()
 
         vm2_sock = os.path.join(self.tmp, "vm2.sock")
         self.ctl("add-br", "br0", "--", "set-controller", "br0", f"ptcp:{OF_PORT}:127.0.0.1",
@@ -241,11 +264,7 @@ class Test:
                 self.fail(f"{name} is {m.group(2)} before any guest connected:\n{ports}")
         self.ok(f"ovs-ofctl show: vm1 (port {ofport['vm1']}) and vm2 (port {ofport['vm2']}) LINK_DOWN before boot")
 
-        # OVS_RUNDIR: where ovs-ofctl monitor puts its unixctl socket (/var/run/openvswitch may not exist).
-        monitor = Process("ofctl-monitor", ["env", f"OVS_RUNDIR={self.tmp}", "ip", "netns", "exec", self.netns,
-                                            "ovs-ofctl", "-O", "OpenFlow13", "monitor", f"tcp:127.0.0.1:{OF_PORT}"])
-        self.procs.append(monitor)
-        time.sleep(0.5)
+        monitor = self.start_monitor("ofctl-monitor")
 
         # vm1 answers, pings vm2 once the peer is there, and stays up until told to finish.
         wait_peer = ("i=0; until ping -c 1 -W 2 {ip} >/dev/null 2>&1; do i=$((i+1)); "
@@ -256,9 +275,13 @@ class Test:
         vm2_cmd = (wait_peer.format(ip=VM1["ip"]) +
                    f"ping -c 3 -W 5 {VM1['ip']}; echo PING1-RC=$?; read x; "
                    f"ping -c 3 -W 2 {VM1['ip']}; echo PING2-RC=$?; read x; "
-                   f"ping -c 3 -W 5 {VM1['ip']}; rc=$?; echo PING3-RC=$rc; exit $rc")
+                   f"ping -c 3 -W 5 {VM1['ip']}; echo PING3-RC=$?; read x; " +
+                   # The switch was killed and restarted: both NICs come back (vm1's QEMU reconnects,
+                   # the switch reconnects to vm2's QEMU).
+                   wait_peer.format(ip=VM1["ip"]) +
+                   f"ping -c 3 -W 5 {VM1['ip']}; rc=$?; echo PING4-RC=$rc; exit $rc")
         t0 = time.monotonic()
-        vm1 = self.start_guest(VM1, vm1_sock, False, vm1_cmd)
+        vm1 = self.start_guest(VM1, vm1_sock, False, vm1_cmd, reconnect=True)
         vm2 = self.start_guest(VM2, vm2_sock, True, vm2_cmd)
 
         m = vm2.wait_for(r"PING1-RC=(\d+)", BOOT_AND_PING_TIMEOUT)
@@ -309,6 +332,25 @@ class Test:
         if not m or m.group(1) != "0":
             self.fail("vm2's ping did not work again once the flow was deleted", vm2)
         self.ok("with the flow deleted, vm2 pings vm1 again")
+        for name in ("vm1", "vm2"):
+            states = self.port_status_states(monitor, ofport[name], name)
+            if "LIVE" not in states:
+                self.fail(f"no PORT_STATUS reported {name} up (saw {states}):\n{monitor.output()}")
+        self.ok("PORT_STATUS (ovs-ofctl monitor) reported both links coming up")
+        monitor.stop()
+
+        # The switch crashes and comes back with its saved configuration; the guests keep running.
+        self.switch.kill()  # by pid
+        self.switch.wait()
+        t_restart = time.monotonic()
+        self.start_switch()
+        monitor = self.start_monitor("ofctl-monitor-2")
+        vm2.say("go")
+        m = vm2.wait_for(r"PING4-RC=(\d+)", 120)
+        if not m or m.group(1) != "0":
+            self.fail("after the switch restarted, vm2 could not ping vm1", vm2, vm1)
+        self.ok(f"keel-switch killed and restarted: both guests' NICs reconnect, vm2 pings vm1 "
+                f"({time.monotonic() - t_restart:.1f}s)")
 
         vm1.say("go")
         for vm in (vm1, vm2):
@@ -333,13 +375,11 @@ class Test:
             time.sleep(0.5)
         time.sleep(0.5)
         monitor.stop()
-        text = monitor.output(400)
         for name in ("vm1", "vm2"):
-            mods = re.findall(rf"OFPT_PORT_STATUS.*MOD: {ofport[name]}\({name}\):.*\n(?:\s+.*\n)*?\s+state:\s+(\S+)",
-                              text + "\n")
-            if "LIVE" not in mods or "LINK_DOWN" not in mods:
-                self.fail(f"PORT_STATUS for {name} did not report up and down (saw {mods}):\n{text}")
-        self.ok("PORT_STATUS (ovs-ofctl monitor) reported both links going up and down")
+            states = self.port_status_states(monitor, ofport[name], name)
+            if not states or states[-1] != "LINK_DOWN":
+                self.fail(f"no PORT_STATUS reported {name} down (saw {states}):\n{monitor.output()}")
+        self.ok("PORT_STATUS (ovs-ofctl monitor) reported both links going down")
         if self.switch.poll() is not None:
             self.fail("keel-switch died")
         print(f"PASS ({self.checks} checks, {time.monotonic() - t0:.0f}s from boot start)")
