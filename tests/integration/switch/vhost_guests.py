@@ -170,6 +170,7 @@ class Test:
                                         "--ctl-socket", self.ctl_sock, "--log-level", "info"],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        self.switch_started = time.monotonic()
         for _ in range(200):
             if os.path.exists(self.ctl_sock):
                 break
@@ -338,6 +339,15 @@ class Test:
                 self.fail(f"no PORT_STATUS reported {name} up (saw {states}):\n{monitor.output()}")
         self.ok("PORT_STATUS (ovs-ofctl monitor) reported both links coming up")
         monitor.stop()
+
+        # The switch sleeps in epoll between frames: a port whose fd stayed readable would spin it.
+        with open(f"/proc/{self.switch.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        lifetime = time.monotonic() - self.switch_started
+        if cpu > 0.3 * lifetime:
+            self.fail(f"keel-switch used {cpu:.1f}s of CPU in {lifetime:.0f}s: busy looping?")
+        self.ok(f"keel-switch stayed mostly idle ({cpu:.2f}s CPU in {lifetime:.0f}s)")
 
         # The switch crashes and comes back with its saved configuration; the guests keep running.
         self.switch.kill()  # by pid
