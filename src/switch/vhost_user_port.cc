@@ -2,6 +2,7 @@
 
 #include <sys/un.h>
 
+#include <array>
 #include <cstring>
 #include <span>
 #include <utility>
