@@ -218,8 +218,9 @@ void Bridge::on_port_readable(BridgePort& bp) {
   }
   batch_.reset();
   bp.port->receive(batch_);
-  if (bp.port->take_poll_fd_changed()) {
-    register_port_fd(bp);
+  bool fd_changed = bp.port->take_poll_fd_changed();
+  if (fd_changed) register_port_fd(bp);
+  if (bp.port->take_link_changed() || fd_changed) {
     bool live = bp.port->link_up();
     if (live != bp.live) {
       bp.live = live;

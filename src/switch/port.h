@@ -62,6 +62,9 @@ public:
   virtual bool has_pending() const { return false; }
   // True (once) when poll_fd() changed since the last call, e.g. a socket port accepted its peer.
   virtual bool take_poll_fd_changed() { return false; }
+  // True (once) when link_up() changed during the last receive() (a vhost-user guest connected or
+  // went away), so the bridge reports it at once instead of at its next once-a-second check.
+  virtual bool take_link_changed() { return false; }
 
   PortCounters counters;
 };

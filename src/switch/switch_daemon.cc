@@ -13,6 +13,7 @@
 
 #include "base/log.h"
 #include "switch/bond.h"
+#include "switch/vhost_user_port.h"
 
 namespace keel::sw {
 
@@ -63,7 +64,44 @@ Result<MacAddress> parse_mac(const std::string& s) {
   return mac;
 }
 
-const std::vector<std::string> kPortTypes = {"system", "tap", "internal", "stream", "dgram", "vhostuser"};
+const std::vector<std::string> kPortTypes = {"system", "tap", "internal", "stream", "dgram", "vhostuser",
+                                             "vhostuserclient"};
+
+// type=vhostuser: the switch is the vhost-user server (OVS dpdkvhostuser), listening on
+// options:socket-path or STATE_DIR/vhost-user/PORT; with options:vhost-server-path QEMU is the
+// server and the switch connects to it (OVS dpdkvhostuserclient, also accepted as
+// type=vhostuserclient). options:queue-pairs=N (default 1) is the most the guest may enable.
+Result<VhostUserPortOptions> vhost_user_options(const std::string& name, const std::string& type, const json& opts,
+                                                const std::string& state_dir) {
+  auto opt = [&](const char* k) { return opts.contains(k) ? opts[k].get<std::string>() : std::string(); };
+  for (auto& [k, v] : opts.items())
+    if (!v.is_string()) return fail_invalid("port {}: options:{} is not a string", name, k);
+  VhostUserPortOptions o;
+  std::string server_path = opt("vhost-server-path");
+  std::string socket_path = opt("socket-path");
+  if (!server_path.empty() && !socket_path.empty())
+    return fail_invalid("port {}: options:vhost-server-path (QEMU listens) and options:socket-path (the switch "
+                        "listens) exclude each other", name);
+  if (type == "vhostuserclient" && server_path.empty())
+    return fail_invalid("port {}: type=vhostuserclient needs options:vhost-server-path=SOCKET", name);
+  if (!server_path.empty()) {
+    o.mode = VhostSocketMode::Client;
+    o.socket_path = server_path;
+  } else if (!socket_path.empty()) {
+    o.socket_path = socket_path;
+  } else {
+    // The port name becomes a file name.
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+      return fail_invalid("port {}: not usable as a socket name; give options:socket-path=PATH", name);
+    o.socket_path = state_dir + "/vhost-user/" + name;
+  }
+  if (std::string n = opt("queue-pairs"); !n.empty()) {
+    uint64_t pairs = TRY(parse_u64(n, "queue-pairs"));
+    if (pairs < 1 || pairs > 128) return fail_invalid("port {}: queue-pairs {} out of range (1-128)", name, pairs);
+    o.queue_pairs = uint16_t(pairs);
+  }
+  return o;
+}
 
 }  // namespace
 
@@ -512,6 +550,12 @@ std::string SwitchDaemon::show(const json& cfg) {
       }
       out += fmt::format("            Interface {}\n", pname);
       if (type != "system") out += fmt::format("                type: {}\n", type);
+      if (type == "vhostuser" || type == "vhostuserclient") {
+        // Where QEMU's -chardev socket must point (the switch listens) or what the switch connects to.
+        auto o = vhost_user_options(pname, type, p["options"], state_dir_);
+        if (o) out += fmt::format("                {}: {}\n", o->mode == VhostSocketMode::Server ? "socket" : "vhost-server-path",
+                                  o->socket_path);
+      }
       if (!p["options"].empty()) {
         std::vector<std::string> opts;
         for (auto& [k, v] : p["options"].items()) opts.push_back(k + "=" + v.get<std::string>());
@@ -524,7 +568,7 @@ std::string SwitchDaemon::show(const json& cfg) {
 
 namespace {
 
-Result<std::unique_ptr<Port>> open_port(const std::string& name, const json& p) {
+Result<std::unique_ptr<Port>> open_port(const std::string& name, const json& p, const std::string& state_dir) {
   std::string type = p.value("type", "system");
   const json& opts = p["options"];
   auto opt = [&](const char* k) { return opts.contains(k) ? opts[k].get<std::string>() : std::string(); };
@@ -547,9 +591,16 @@ Result<std::unique_ptr<Port>> open_port(const std::string& name, const json& p) 
     auto bond = TRY(BondPort::create(TRY(parse_bond_mode(p.value("bond_mode", "active-backup"))), std::move(members)));
     return std::unique_ptr<Port>(std::move(bond));
   }
-  if (type == "vhostuser")
-    return fail(ENOTSUP, fmt::format("port {}: vhost-user ports are provided by src/vhost, not in this build",
-                                     name));
+  if (type == "vhostuser" || type == "vhostuserclient") {
+    VhostUserPortOptions o = TRY(vhost_user_options(name, type, opts, state_dir));
+    if (o.mode == VhostSocketMode::Server) {
+      // The default socket directory is made on demand; an explicit path's directory must exist.
+      std::string dir = state_dir + "/vhost-user";
+      if (o.socket_path.rfind(dir + "/", 0) == 0 && mkdir(dir.c_str(), 0755) < 0 && errno != EEXIST)
+        return fail_errno("mkdir " + dir);
+    }
+    return open_vhost_user_port(o);
+  }
   return fail_invalid("port {}: unknown type {}", name, type);
 }
 
@@ -630,7 +681,7 @@ Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want, co
     if (!exists) {
       // At start-up (no `known`) every port is an old one.
       bool old = !known_given_ || (known && (*known)["ports"].contains(name) && (*known)["ports"][name] == p);
-      auto port = open_port(name, p);
+      auto port = open_port(name, p, state_dir_);
       if (port) {
         auto added = br.add_port(name, p.value("type", "system"), std::move(*port), p.value("ofport", 0u));
         if (!added && !old) return tl::unexpected(added.error());
