@@ -22,13 +22,12 @@ function(keel_add_unit_test name)
   cmake_parse_arguments(ARG "" "" "SOURCES;LIBS;LABELS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
   target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gtest_main)
-  # Labelled with the component too (tests/unit/<component>), so `ctest -L disk` selects its unit tests.
+  # Every test in tests/unit/<component> is labelled `unit` and `<component>` (plus any LABELS given),
+  # so `ctest -L disk` selects a component's unit tests too. gtest_discover_tests keeps only the first
+  # element of a list-valued LABELS, so the labels go on the directory, which ctest applies to each test.
   get_filename_component(component ${CMAKE_CURRENT_SOURCE_DIR} NAME)
-  set(labels unit ${component})
-  if(ARG_LABELS)
-    list(APPEND labels ${ARG_LABELS})
-  endif()
-  gtest_discover_tests(${name} PROPERTIES LABELS "${labels}" DISCOVERY_TIMEOUT 60)
+  set_property(DIRECTORY APPEND PROPERTY LABELS unit ${component} ${ARG_LABELS})
+  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60)
   set_property(GLOBAL APPEND PROPERTY KEEL_SANITIZED_TEST_TARGETS ${name})
 endfunction()
 
