@@ -137,3 +137,16 @@ for scenario in normal flows10k; do
     "$(ratio "${RESULT[$scenario,pps,keel]}" "${RESULT[$scenario,pps,ovs]}")"
 done
 printf '%-28s %14s %14s %8s\n' "flow-mods/s (add-flows)" "${FM[keel]}" "${FM[ovs]}" "$(ratio "${FM[keel]}" "${FM[ovs]}")"
+
+# The vhost-user path at full speed: two synthetic guests (tests/unit/vhost's front-end playing
+# QEMU and a virtio-net driver on shared memory) through an in-process keel-switch Bridge, next to
+# the same Bridge with AF_UNIX stream ports, and next to the veth pps measured above.
+vhost_bench=$build/bench/switch/ksw-vhost-bench
+if [[ -x $vhost_bench ]]; then
+  echo
+  echo "== vhost-user VM -> keel-switch -> VM (ksw-vhost-bench)"
+  "$vhost_bench" --rounds "$rounds" --veth-pps-normal "${RESULT[normal,pps,keel]}" \
+    --veth-pps-flows "${RESULT[flows10k,pps,keel]}"
+else
+  echo "(build ksw-vhost-bench for the vhost-user figures)"
+fi
