@@ -224,6 +224,12 @@ Result<void> StoragePools::resize_volume(const std::string& pool_name, const std
   auto path = TRY(volume_path(pool_name, vol, true));
   if (size == 0) return fail_invalid("capacity: must be more than 0");
   if (size > (uint64_t{64} << 40)) return fail_invalid("capacity: larger than 64 TiB");
+  // Refused here, not only in the backends, so both say it the same way (a 400, not qemu-img's words).
+  auto info = TRY(backend_->info(path));
+  if (size < info.capacity && shrink == ShrinkPolicy::Refuse)
+    return fail_invalid("capacity: {} is smaller than volume '{}' ({} bytes); shrinking loses data: pass "
+                        "\"shrink\": true to do it anyway",
+                        size, vol, info.capacity);
   return backend_->resize(path, size, shrink);
 }
 
