@@ -92,14 +92,15 @@ public:
             TRY_CTX(src->read(off, piece), "read " + from);
             if (!all_zero(piece.data(), n)) TRY_CTX(dst->write(off, piece), "write " + to);
             off += n;
-            if (progress) progress(off, total);
+            if (progress && off < total) progress(off, total);
           }
         }
         pos += e.length;
-        if (progress) progress(pos, total);
+        if (progress && pos < total) progress(pos, total);
       }
     }
     TRY_CTX(close_device(*dst), "close " + to);
+    if (progress) progress(total, total);  // only once the copy is on disk
     return ok();
   }
 
