@@ -1,13 +1,16 @@
 // DiskLibraryVolumeBackend: volumes through Keel's own disk library (src/disk), in-process, the same
 // code keel-img runs. keel-img's create/resize/info glue lives in keel_img.cc (not in the library),
 // so the few lines of it keeld needs are repeated here.
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include <fmt/format.h>
 
+#include "base/unique_fd.h"
 #include "disk/image.h"
 #include "disk/qcow2_image.h"
 #include "disk/raw_image.h"
@@ -34,6 +37,36 @@ bool all_zero(const uint8_t* p, size_t n) {
 Result<void> close_device(BlockDevice& dev) {
   if (auto* q = dynamic_cast<Qcow2Image*>(&dev)) return q->close();
   return dev.flush();
+}
+
+// Writes the runs of `data` that are not all zeros, in granules of a qcow2 cluster: the target is
+// fresh (reads as zeros), so zeros need not be written and stay unallocated.
+Result<void> write_nonzero_runs(BlockDevice& dst, uint64_t offset, std::span<const uint8_t> data,
+                                const std::string& what) {
+  constexpr size_t kGranule = 64 << 10;
+  size_t g = 0;
+  while (g < data.size()) {
+    size_t glen = std::min(kGranule, data.size() - g);
+    if (all_zero(data.data() + g, glen)) {
+      g += glen;
+      continue;
+    }
+    size_t run = glen;
+    while (g + run < data.size()) {
+      size_t next = std::min(kGranule, data.size() - g - run);
+      if (all_zero(data.data() + g + run, next)) break;
+      run += next;
+    }
+    TRY_CTX(dst.write(offset + g, data.subspan(g, run)), "write " + what);
+    g += run;
+  }
+  return ok();
+}
+
+Result<void> sync_path(const std::string& path) {
+  auto fd = TRY(UniqueFd::open(path, O_RDONLY));
+  if (::fsync(fd.get()) < 0) return fail_errno("fsync " + path);
+  return ok();
 }
 
 class DiskLibraryVolumeBackend final : public VolumeBackend {
@@ -75,6 +108,10 @@ public:
     const uint64_t total = src->size();
     TRY(create(to, format, total));
     auto dst = TRY_CTX(disk::open_image(to, OpenMode::ReadWrite, TRY(disk::parse_format(format))), "open " + to);
+    // Like qemu-img convert's output: metadata still goes out in crash-safe order, but without a
+    // sync after each allocation (which made the copy ~4x slower). A copy cut short is deleted by
+    // the caller; a finished one is synced once, at the end.
+    if (auto* q = dynamic_cast<Qcow2Image*>(dst.get())) q->set_unsafe_cache(true);
     if (progress) progress(0, total);
     std::vector<uint8_t> buf(kCopyChunk);
     uint64_t pos = 0;
@@ -90,7 +127,7 @@ public:
             size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), e.offset + e.length - off));
             std::span<uint8_t> piece(buf.data(), n);
             TRY_CTX(src->read(off, piece), "read " + from);
-            if (!all_zero(piece.data(), n)) TRY_CTX(dst->write(off, piece), "write " + to);
+            TRY(write_nonzero_runs(*dst, off, piece, to));
             off += n;
             if (progress && off < total) progress(off, total);
           }
@@ -100,6 +137,8 @@ public:
       }
     }
     TRY_CTX(close_device(*dst), "close " + to);
+    dst.reset();
+    TRY(sync_path(to));
     if (progress) progress(total, total);  // only once the copy is on disk
     return ok();
   }

@@ -158,12 +158,17 @@ TEST_P(StorageTest, FullCopySkipsHoles) {
   auto& pools = *pools_;
   ASSERT_TRUE(pools.create_volume("default", "sparse", "raw", 256 << 20));
   write_guest("sparse", 100 << 20, std::string(4096, 'x'));
+  // Zeros written as data (allocated in the source): the copy leaves them unallocated too.
+  write_guest("sparse", 10 << 20, std::string(8 << 20, '\0'));
+  write_guest("sparse", 13 << 20, "island");
   ASSERT_TRUE(pools.clone_volume("default", "sparse", "sparsecopy", "copy"));
   auto info = pools.volume_info("default", "sparsecopy");
   ASSERT_TRUE(info);
   EXPECT_EQ((*info)["capacity"], 256u << 20);
   EXPECT_LT((*info)["allocation"].get<uint64_t>(), 4u << 20);
   EXPECT_EQ(read_guest("sparsecopy", 100 << 20, 4096), std::string(4096, 'x'));
+  EXPECT_EQ(read_guest("sparsecopy", 13 << 20, 6), "island");
+  EXPECT_EQ(read_guest("sparsecopy", 12 << 20, 6), std::string(6, '\0'));
 }
 
 TEST_P(StorageTest, ShrinkOnlyWhenAsked) {
