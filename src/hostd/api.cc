@@ -425,10 +425,16 @@ void install_api(HttpServer& server, ApiContext& ctx) {
   server.route("POST", "/v1/pools/{pool}/volumes/{vol}/resize", [&ctx](HttpRequest& req) {
     auto body = parse_body(req);
     if (!body) return error_response(body.error());
-    if (auto c = only_fields(*body, {"capacity"}); !c) return error_response(c.error());
+    if (auto c = only_fields(*body, {"capacity", "shrink"}); !c) return error_response(c.error());
     auto size = size_field(*body, "capacity");
     if (!size) return error_response(size.error());
-    return reply(ctx.pools.resize_volume(req.params["pool"], req.params["vol"], *size));
+    auto shrink = ShrinkPolicy::Refuse;
+    if (body->contains("shrink")) {
+      const auto& v = (*body)["shrink"];
+      if (!v.is_boolean()) return HttpResponse::error(400, "shrink: must be true or false");
+      if (v.get<bool>()) shrink = ShrinkPolicy::Allow;
+    }
+    return reply(ctx.pools.resize_volume(req.params["pool"], req.params["vol"], *size, shrink));
   });
   // Volume data streams both ways, so images larger than a request body can be moved.
   server.streaming("PUT", "/v1/pools/{pool}/volumes/{vol}/data", [&ctx](HttpRequest& req, Stream& s) {

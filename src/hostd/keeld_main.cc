@@ -56,6 +56,7 @@ int run(int argc, char** argv) {
   std::string socket_path = "/run/keel/keeld.sock";
   std::string listen, tls_cert, tls_key, token_file, qemu_user = "auto", log_level = "info";
   std::string qemu_binary = "qemu-system-x86_64";
+  std::string volume_backend = "keel-disk";
   bool no_sandbox = false;
   app.add_option("--state-dir", state_dir, "State directory (database, images, runtime files)");
   app.add_option("--socket", socket_path, "Unix socket for the API");
@@ -66,6 +67,9 @@ int run(int argc, char** argv) {
   app.add_option("--qemu-user", qemu_user,
                  "auto (as root: nobody where it can read the kernel/initrd), none (keeld's uid), or a user name");
   app.add_option("--qemu-binary", qemu_binary, "QEMU system emulator");
+  app.add_option("--volume-backend", volume_backend,
+                 "Image operations through keel-disk (Keel's disk library, default) or qemu-img")
+      ->check(CLI::IsMember({"keel-disk", "qemu-img"}));
   app.add_flag("--no-sandbox", no_sandbox, "Run QEMU without -sandbox (debugging only)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error");
   try {
@@ -105,7 +109,11 @@ int run(int argc, char** argv) {
   auto store = StateStore::open(state_dir + "/keeld.db");
   if (!store) return fail_out(store.error());
   EventBus events;
-  StoragePools pools(**store, make_qemu_img_backend());
+  auto backend = make_volume_backend(volume_backend);
+  if (!backend) return fail_out(backend.error());
+  StoragePools pools(**store, std::move(*backend));
+  pools.set_events(&events);
+  KEEL_LOG_INFO("volume backend: {}", pools.backend().name());
   if (auto r = pools.ensure_default(state_dir + "/images"); !r) return fail_out(r.error());
   Networks networks(**store, state_dir + "/run");
   if (auto r = networks.ensure_default(); !r) return fail_out(r.error());

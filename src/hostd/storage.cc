@@ -8,8 +8,11 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
+
 #include "base/process.h"
 #include "base/unique_fd.h"
+#include "hostd/event_bus.h"
 #include "qemu/domain_def.h"
 
 namespace keel::hostd {
@@ -20,6 +23,7 @@ namespace {
 
 class QemuImgBackend : public VolumeBackend {
 public:
+  std::string name() const override { return "qemu-img"; }
   Result<void> create(const std::string& path, const std::string& format, uint64_t size) override {
     return run({"qemu-img", "create", "-q", "-f", format, path, std::to_string(size)});
   }
@@ -27,10 +31,17 @@ public:
                               const std::string& backing_format) override {
     return run({"qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, path});
   }
-  Result<void> copy(const std::string& from, const std::string& to, const std::string& format) override {
-    return run({"qemu-img", "convert", "-q", "-O", format, from, to});
+  // qemu-img reports no progress we read: the caller hears only the start and the end.
+  Result<void> copy(const std::string& from, const std::string& to, const std::string& format,
+                    const VolumeProgress& progress) override {
+    auto info = TRY(this->info(from));
+    if (progress) progress(0, info.capacity);
+    TRY(run({"qemu-img", "convert", "-q", "-O", format, from, to}));
+    if (progress) progress(info.capacity, info.capacity);
+    return ok();
   }
-  Result<void> resize(const std::string& path, uint64_t size) override {
+  Result<void> resize(const std::string& path, uint64_t size, ShrinkPolicy shrink) override {
+    if (shrink == ShrinkPolicy::Allow) return run({"qemu-img", "resize", "-q", "--shrink", path, std::to_string(size)});
     return run({"qemu-img", "resize", "-q", path, std::to_string(size)});
   }
   Result<VolumeInfo> info(const std::string& path) override {
@@ -66,6 +77,28 @@ bool exists(const std::string& p) {
 }  // namespace
 
 std::unique_ptr<VolumeBackend> make_qemu_img_backend() { return std::make_unique<QemuImgBackend>(); }
+
+Result<std::unique_ptr<VolumeBackend>> make_volume_backend(const std::string& name) {
+  if (name == "keel-disk") return make_disk_library_backend();
+  if (name == "qemu-img") return make_qemu_img_backend();
+  return fail_invalid("volume backend: '{}' is not one of keel-disk, qemu-img", name);
+}
+
+VolumeProgress StoragePools::progress_reporter(const std::string& operation, const std::string& pool_name,
+                                               const std::string& vol) {
+  if (!events_) return {};
+  using Clock = std::chrono::steady_clock;
+  auto last = std::make_shared<Clock::time_point>();
+  return [this, operation, pool_name, vol, last](uint64_t done, uint64_t total) {
+    auto now = Clock::now();
+    bool edge = done == 0 || done >= total;
+    if (!edge && now - *last < std::chrono::milliseconds(250)) return;
+    *last = now;
+    events_->publish("job", "", operation,
+                     {{"pool", pool_name}, {"volume", vol}, {"done", done}, {"total", total},
+                      {"percent", total ? static_cast<int>(done * 100 / total) : 100}});
+  };
+}
 
 StoragePools::StoragePools(StateStore& store, std::unique_ptr<VolumeBackend> backend)
     : store_(store), backend_(std::move(backend)) {}
@@ -180,16 +213,24 @@ Result<void> StoragePools::clone_volume(const std::string& pool_name, const std:
   auto info = TRY(backend_->info(src));
   Result<void> r;
   if (mode == "overlay") r = backend_->create_overlay(dst, src, info.format);
-  else if (mode == "copy") r = backend_->copy(src, dst, info.format);
+  else if (mode == "copy") r = backend_->copy(src, dst, info.format, progress_reporter("volume-copy", pool_name, to));
   else return fail_invalid("mode: '{}' is not one of overlay, copy", mode);
   if (!r) ::unlink(dst.c_str());
   return r;
 }
 
-Result<void> StoragePools::resize_volume(const std::string& pool_name, const std::string& vol, uint64_t size) {
+Result<void> StoragePools::resize_volume(const std::string& pool_name, const std::string& vol, uint64_t size,
+                                         ShrinkPolicy shrink) {
   auto path = TRY(volume_path(pool_name, vol, true));
   if (size == 0) return fail_invalid("capacity: must be more than 0");
-  return backend_->resize(path, size);
+  if (size > (uint64_t{64} << 40)) return fail_invalid("capacity: larger than 64 TiB");
+  // Refused here, not only in the backends, so both say it the same way (a 400, not qemu-img's words).
+  auto info = TRY(backend_->info(path));
+  if (size < info.capacity && shrink == ShrinkPolicy::Refuse)
+    return fail_invalid("capacity: {} is smaller than volume '{}' ({} bytes); shrinking loses data: pass "
+                        "\"shrink\": true to do it anyway",
+                        size, vol, info.capacity);
+  return backend_->resize(path, size, shrink);
 }
 
 Result<void> StoragePools::delete_volume(const std::string& pool_name, const std::string& vol) {
@@ -225,15 +266,19 @@ Result<void> StoragePools::upload_from(const std::string& pool_name, const std::
   };
   std::vector<char> buf(1 << 20);
   uint64_t done = 0;
+  auto progress = progress_reporter("volume-upload", pool_name, vol);
+  if (progress) progress(0, size);
   while (done < size) {
     auto n = read(buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), size - done)));
     if (!n) return fail_tmp(n.error());
     if (*n == 0) return fail_tmp(Error::invalid(fmt::format("upload ended after {} of {} bytes", done, size)));
     if (auto w = write_all(fd.get(), buf.data(), *n); !w) return fail_tmp(w.error());
     done += *n;
+    if (progress && done < size) progress(done, size);
   }
   if (::fsync(fd.get()) < 0) return fail_tmp(Error::from_errno("fsync " + tmp));
   if (::rename(tmp.c_str(), path.c_str()) < 0) return fail_tmp(Error::from_errno("rename " + tmp));
+  if (progress) progress(size, size);
   return ok();
 }
 

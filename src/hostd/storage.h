@@ -1,5 +1,10 @@
 // Storage pools (directories) and their volumes. Image operations go through VolumeBackend:
-// QemuImgBackend today, Keel's own disk library (src/disk) when it lands.
+// DiskLibraryVolumeBackend (Keel's own src/disk, keeld's default) or QemuImgBackend (qemu-img, kept
+// selectable with `keeld --volume-backend qemu-img` for comparison).
+//
+// Upload and download move a volume's *file* bytes as they are (a qcow2 volume downloads as its
+// qcow2 file, and an uploaded qcow2 file becomes a qcow2 volume), whatever the backend: they are
+// not guest-visible contents.
 #pragma once
 
 #include <cstdint>
@@ -23,23 +28,40 @@ struct VolumeInfo {
   std::string backing;    // backing file, if any
 };
 
+enum class ShrinkPolicy { Refuse, Allow };
+
+// Called now and then during long operations: bytes of the virtual disk done out of total.
+using VolumeProgress = std::function<void(uint64_t done, uint64_t total)>;
+
 class VolumeBackend {
 public:
+  virtual std::string name() const = 0;
   virtual ~VolumeBackend() = default;
   virtual Result<void> create(const std::string& path, const std::string& format, uint64_t size) = 0;
   // A qcow2 overlay whose reads fall through to `backing` until written.
   virtual Result<void> create_overlay(const std::string& path, const std::string& backing,
                                       const std::string& backing_format) = 0;
-  virtual Result<void> copy(const std::string& from, const std::string& to, const std::string& format) = 0;
-  virtual Result<void> resize(const std::string& path, uint64_t size) = 0;
+  // A full, independent copy (backing chains flattened) in `format`.
+  virtual Result<void> copy(const std::string& from, const std::string& to, const std::string& format,
+                            const VolumeProgress& progress) = 0;
+  virtual Result<void> resize(const std::string& path, uint64_t size, ShrinkPolicy shrink) = 0;
   virtual Result<VolumeInfo> info(const std::string& path) = 0;
 };
 
 std::unique_ptr<VolumeBackend> make_qemu_img_backend();
+std::unique_ptr<VolumeBackend> make_disk_library_backend();
+// "keel-disk" (the default) or "qemu-img".
+Result<std::unique_ptr<VolumeBackend>> make_volume_backend(const std::string& name);
+
+class EventBus;
 
 class StoragePools {
 public:
   StoragePools(StateStore& store, std::unique_ptr<VolumeBackend> backend);
+
+  // Long operations (full-copy clones, uploads) publish "job" events with their progress here.
+  void set_events(EventBus* events) { events_ = events; }
+  const VolumeBackend& backend() const { return *backend_; }
 
   // Creates the "default" pool at `dir` on first start.
   Result<void> ensure_default(const std::string& dir);
@@ -54,7 +76,8 @@ public:
   // mode "overlay" (qcow2 on a backing file) or "copy" (full copy).
   Result<void> clone_volume(const std::string& pool, const std::string& from, const std::string& to,
                             const std::string& mode);
-  Result<void> resize_volume(const std::string& pool, const std::string& vol, uint64_t size);
+  Result<void> resize_volume(const std::string& pool, const std::string& vol, uint64_t size,
+                             ShrinkPolicy shrink = ShrinkPolicy::Refuse);
   Result<void> delete_volume(const std::string& pool, const std::string& vol);
   Result<void> upload(const std::string& pool, const std::string& vol, std::string_view data);
   // Streams `size` bytes from `read` (which returns 0 at EOF) into the volume, replacing it whole
@@ -72,8 +95,12 @@ private:
   Result<PoolRecord> pool(const std::string& name);
   Result<std::string> volume_path(const std::string& pool, const std::string& vol, bool must_exist);
 
+  // Publishes progress at most every quarter second (and at the start and the end).
+  VolumeProgress progress_reporter(const std::string& operation, const std::string& pool, const std::string& vol);
+
   StateStore& store_;
   std::unique_ptr<VolumeBackend> backend_;
+  EventBus* events_ = nullptr;
 };
 
 }  // namespace keel::hostd

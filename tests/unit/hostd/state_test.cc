@@ -23,7 +23,6 @@ protected:
 };
 
 using StateStoreTest = TempDir;
-using StorageTest = TempDir;
 
 TEST_F(StateStoreTest, DomainsPersistAndStayUnique) {
   {
@@ -62,54 +61,6 @@ TEST_F(StateStoreTest, StateOnlyUpdatesRunningDomains) {
   // A late QMP event for a stopped domain must not resurrect it.
   ASSERT_TRUE((*s)->set_domain_state("a", "running"));
   EXPECT_EQ((*(*s)->get_domain("a"))->state, "shutoff");
-}
-
-TEST_F(StorageTest, VolumesThroughQemuImg) {
-  auto s = StateStore::open(dir_ + "/db");
-  ASSERT_TRUE(s);
-  StoragePools pools(**s, make_qemu_img_backend());
-  ASSERT_TRUE(pools.ensure_default(dir_ + "/images"));
-  ASSERT_TRUE(pools.ensure_default(dir_ + "/images"));  // idempotent
-  ASSERT_TRUE(pools.create_volume("default", "base", "qcow2", 64 << 20));
-  EXPECT_EQ(pools.create_volume("default", "base", "qcow2", 1 << 20).error().code(), EEXIST);
-  EXPECT_FALSE(pools.create_volume("default", "x", "vmdk", 1 << 20));
-  EXPECT_FALSE(pools.create_volume("default", "../escape", "raw", 1 << 20));
-  EXPECT_EQ(pools.create_volume("nopool", "x", "raw", 1 << 20).error().code(), ENOENT);
-  auto info = pools.volume_info("default", "base");
-  ASSERT_TRUE(info) << info.error().message();
-  EXPECT_EQ((*info)["format"], "qcow2");
-  EXPECT_EQ((*info)["capacity"], 64u << 20);
-
-  ASSERT_TRUE(pools.clone_volume("default", "base", "overlay", "overlay"));
-  auto ov = pools.volume_info("default", "overlay");
-  ASSERT_TRUE(ov);
-  EXPECT_EQ((*ov)["backing"], dir_ + "/images/base");
-  ASSERT_TRUE(pools.clone_volume("default", "base", "copy", "copy"));
-  EXPECT_FALSE((*pools.volume_info("default", "copy")).contains("backing"));
-  EXPECT_FALSE(pools.clone_volume("default", "base", "other", "sideways"));
-
-  ASSERT_TRUE(pools.resize_volume("default", "copy", 128 << 20));
-  EXPECT_EQ((*pools.volume_info("default", "copy"))["capacity"], 128u << 20);
-
-  ASSERT_TRUE(pools.create_volume("default", "blob", "raw", 4096));
-  std::string data(4096, 'k');
-  ASSERT_TRUE(pools.upload("default", "blob", data));
-  EXPECT_EQ(*pools.download("default", "blob"), data);
-
-  auto list = pools.list_volumes("default");
-  ASSERT_TRUE(list);
-  EXPECT_EQ(list->size(), 4u);
-  auto resolved = pools.resolve("default/overlay");
-  ASSERT_TRUE(resolved);
-  EXPECT_EQ(resolved->second, "qcow2");
-  ASSERT_TRUE(pools.delete_volume("default", "blob"));
-  EXPECT_EQ(pools.delete_volume("default", "blob").error().code(), ENOENT);
-
-  ASSERT_TRUE(pools.define_pool("second", dir_ + "/second"));
-  EXPECT_EQ(pools.define_pool("second", dir_ + "/third").error().code(), EEXIST);
-  EXPECT_FALSE(pools.define_pool("rel", "relative/path"));
-  EXPECT_EQ((*pools.list_pools()).size(), 2u);
-  ASSERT_TRUE(pools.undefine_pool("second"));
 }
 
 TEST(EventBus, FanOutAndBoundedQueue) {
