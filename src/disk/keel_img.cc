@@ -642,10 +642,10 @@ int cmd_convert(int argc, char** argv) {
       }
     }
   };
-  // More threads than cores: compression and decompression are CPU-bound, and I/O waits overlap.
-  // (qemu-img convert keeps 8 requests in flight on a thread pool; a loaded machine shares CPU per
-  // thread, so fewer threads would also mean a smaller share.)
-  unsigned nthreads = std::clamp(std::thread::hardware_concurrency() * 4, 8u, 16u);
+  // One worker per core. Measured on 2 cores (CPU time, user+sys): 16 workers spent 10-30% more
+  // CPU than 2 on plain copies (they spin on the target file's inode lock and on the image's
+  // metadata mutex) and gained nothing on (de)compression, which is CPU-bound.
+  unsigned nthreads = std::clamp(std::thread::hardware_concurrency(), 1u, 16u);
   if (const char* t = std::getenv("KEEL_IMG_THREADS")) nthreads = std::clamp(std::atoi(t), 1, 64);
   std::vector<std::thread> threads;
   for (unsigned i = 1; i < nthreads; ++i) threads.emplace_back(worker);

@@ -1,6 +1,7 @@
 #include "disk/qcow2_image.h"
 
 #include <fcntl.h>
+#include <libdeflate.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -60,7 +61,9 @@ struct Scratch {
   bool deflater_ready = false;
   ZSTD_DCtx* zstd_d = nullptr;
   ZSTD_CCtx* zstd_c = nullptr;
+  libdeflate_decompressor* deflate_d = nullptr;
   ~Scratch() {
+    if (deflate_d) libdeflate_free_decompressor(deflate_d);
     if (inflater_ready) inflateEnd(&inflater);
     if (deflater_ready) deflateEnd(&deflater);
     if (zstd_d) ZSTD_freeDCtx(zstd_d);
@@ -921,6 +924,17 @@ Result<void> Qcow2Image::read_compressed(uint64_t desc, uint8_t* out) {
   auto r = pread_zero_past_eof(fd_.get(), in, csize, coffset);
   if (!r) return fail(r.error().with_context(fmt::format("{}: compressed cluster at {}", path_, hex(coffset))));
   if (compression_ == Qcow2Compression::Zlib) {
+    // libdeflate inflates a whole buffer about twice as fast as zlib's streaming inflate. It takes
+    // what qemu takes whenever the stream ends within the cluster; streams that run past it (qemu
+    // keeps the first cluster's worth) or that libdeflate refuses go through zlib, qemu's own path.
+    if (!t_scratch.deflate_d) t_scratch.deflate_d = libdeflate_alloc_decompressor();
+    if (t_scratch.deflate_d) {
+      size_t in_used = 0, out_len = 0;
+      if (libdeflate_deflate_decompress_ex(t_scratch.deflate_d, in, csize, out, cluster_size_, &in_used, &out_len) ==
+              LIBDEFLATE_SUCCESS &&
+          out_len == cluster_size_)
+        return ok();
+    }
     z_stream& z = t_scratch.inflater;
     if (!t_scratch.inflater_ready) {
       std::memset(&z, 0, sizeof(z));
@@ -986,6 +1000,10 @@ Result<void> Qcow2Image::read_run(const Run& run, uint64_t offset, std::span<uin
     }
     case RunKind::Compressed: {
       Scratch& s = t_scratch;
+      if (out.size() == cluster_size_ && (offset & (cluster_size_ - 1)) == 0) {
+        // A whole cluster (convert's case): inflate straight into the caller's buffer.
+        return read_compressed(run.host, out.data());
+      }
       uint8_t* cluster = scratch_buffer(s.decompressed, cluster_size_);
       if (s.decompressed_owner != this || s.decompressed_desc != run.host) {
         s.decompressed_owner = nullptr;
