@@ -9,6 +9,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
@@ -62,8 +63,10 @@ struct Scratch {
   ZSTD_DCtx* zstd_d = nullptr;
   ZSTD_CCtx* zstd_c = nullptr;
   libdeflate_decompressor* deflate_d = nullptr;
+  libdeflate_compressor* deflate_probe = nullptr;
   ~Scratch() {
     if (deflate_d) libdeflate_free_decompressor(deflate_d);
+    if (deflate_probe) libdeflate_free_compressor(deflate_probe);
     if (inflater_ready) inflateEnd(&inflater);
     if (deflater_ready) deflateEnd(&deflater);
     if (zstd_d) ZSTD_freeDCtx(zstd_d);
@@ -72,6 +75,27 @@ struct Scratch {
 };
 thread_local Scratch t_scratch;
 thread_local std::vector<std::tuple<const void*, uint64_t, const uint8_t*, size_t, uint64_t>> t_deferred;
+
+// Whether the bytes' order-0 entropy is above 7.5 bits per byte: random-looking data (already
+// compressed or encrypted), which Huffman coding cannot shrink and LZ matching rarely does.
+bool looks_incompressible(const uint8_t* p, size_t n) {
+  if (n < 4096) return false;
+  uint32_t counts[4][256] = {};
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++counts[0][p[i]];
+    ++counts[1][p[i + 1]];
+    ++counts[2][p[i + 2]];
+    ++counts[3][p[i + 3]];
+  }
+  for (; i < n; ++i) ++counts[0][p[i]];
+  double bits = 0;
+  for (int b = 0; b < 256; ++b) {
+    uint32_t c = counts[0][b] + counts[1][b] + counts[2][b] + counts[3][b];
+    if (c) bits -= c * std::log2(static_cast<double>(c) / static_cast<double>(n));
+  }
+  return bits > 7.5 * static_cast<double>(n);
+}
 
 uint8_t* scratch_buffer(std::vector<uint8_t>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -1302,6 +1326,18 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const uint8
   size_t out_len = 0;
   size_t limit = cluster_size_ - 1;
   if (compression_ == Qcow2Compression::Zlib) {
+    // Incompressible clusters (already compressed or encrypted files) are stored plain, as qemu
+    // does, but zlib at its default level takes as long to give up on them as to compress text.
+    // libdeflate's fastest level (with a larger window than qcow2's 4 KiB) tells them apart in a
+    // fraction of that time. Data it cannot shrink by a byte, zlib could at best shrink by a few
+    // bytes; such a cluster is stored plain, which any reader takes.
+    // The probe costs about half of zlib's time, so it runs only on clusters whose bytes are
+    // spread evenly (order-0 entropy above 7.5 bits per byte), where deflate has little to gain.
+    if (looks_incompressible(src, cluster_size_)) {
+      if (!s.deflate_probe) s.deflate_probe = libdeflate_alloc_compressor(1);
+      if (s.deflate_probe && libdeflate_deflate_compress(s.deflate_probe, src, cluster_size_, out, limit) == 0)
+        return write(offset, data);
+    }
     z_stream& z = s.deflater;
     if (!s.deflater_ready) {
       std::memset(&z, 0, sizeof(z));
