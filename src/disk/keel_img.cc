@@ -563,7 +563,8 @@ int cmd_convert(int argc, char** argv) {
   // consistent.
   std::atomic<uint64_t> next_chunk{0};
   std::atomic<bool> failed{false};
-  std::mutex mu;
+  std::mutex mu, write_mu;
+  const bool serialize_writes = !std::getenv("KEEL_IMG_PARALLEL_WRITES");
   std::optional<Error> first_error;
   uint64_t progress_done = 0;
   auto worker = [&] {
@@ -629,6 +630,10 @@ int cmd_convert(int argc, char** argv) {
               if (!w) return record(w.error());
             }
           } else {
+            // One writer at a time: concurrent writes to one file spin on the kernel's inode lock
+            // (16% of a qcow2->raw convert's CPU on tmpfs); a sleeping mutex costs nothing.
+            std::unique_lock write_lock(write_mu, std::defer_lock);
+            if (serialize_writes) write_lock.lock();
             auto w = dst->write(start + g, std::span<const uint8_t>(buf.data() + g, run));
             if (!w) return record(w.error());
           }
@@ -642,10 +647,10 @@ int cmd_convert(int argc, char** argv) {
       }
     }
   };
-  // More threads than cores: compression and decompression are CPU-bound, and I/O waits overlap.
-  // (qemu-img convert keeps 8 requests in flight on a thread pool; a loaded machine shares CPU per
-  // thread, so fewer threads would also mean a smaller share.)
-  unsigned nthreads = std::clamp(std::thread::hardware_concurrency() * 4, 8u, 16u);
+  // One worker per core. Measured on 2 cores (CPU time, user+sys): 16 workers spent 10-30% more
+  // CPU than 2 on plain copies (they spin on the target file's inode lock and on the image's
+  // metadata mutex) and gained nothing on (de)compression, which is CPU-bound.
+  unsigned nthreads = std::clamp(std::thread::hardware_concurrency(), 1u, 16u);
   if (const char* t = std::getenv("KEEL_IMG_THREADS")) nthreads = std::clamp(std::atoi(t), 1, 64);
   std::vector<std::thread> threads;
   for (unsigned i = 1; i < nthreads; ++i) threads.emplace_back(worker);
