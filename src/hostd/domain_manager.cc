@@ -762,6 +762,25 @@ Result<void> wait_device_gone(qemu::QmpClient& qmp, const std::string& id, std::
     std::this_thread::sleep_for(20ms);
   }
 }
+
+// Deletes a block node once QEMU lets go of it. The unplugged device disappears from the QOM tree a
+// moment before its block backend is released, so a blockdev-del right after that can find the node
+// still in use; left behind, the node would make the next attach of the same disk id fail with
+// "Duplicate nodes". Retries until the node is gone (deleted, or never there).
+Result<void> delete_block_node(qemu::QmpClient& qmp, const std::string& node, std::chrono::seconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto r = qmp.execute("blockdev-del", {{"node-name", node}});
+    if (r) return ok();
+    const std::string& message = r.error().message();
+    if (message.find("Failed to find node") != std::string::npos ||
+        message.find("Cannot find") != std::string::npos)
+      return ok();
+    if (std::chrono::steady_clock::now() > deadline)
+      return fail(r.error().with_context(fmt::format("block node {} still in use after {} s", node, timeout.count())));
+    std::this_thread::sleep_for(20ms);
+  }
+}
 }  // namespace
 
 Result<void> DomainManager::detach_nic(const std::string& name, const std::string& id_or_mac) {
@@ -802,7 +821,7 @@ Result<void> DomainManager::detach_disk(const std::string& name, const std::stri
     auto* r = TRY(running(name));
     TRY(r->qmp->execute("device_del", {{"id", disk.id}}));
     TRY(wait_device_gone(*r->qmp, disk.id, 20s));
-    (void)r->qmp->execute("blockdev-del", {{"node-name", "fmt-" + disk.id}});
+    TRY(delete_block_node(*r->qmp, "fmt-" + disk.id, 10s));
     json& ports = rec.live["ports"];
     for (auto p = ports.begin(); p != ports.end(); ++p)
       if (p.value() == disk.id) {
