@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 
 #include "base/log.h"
+#include "base/process.h"
 #include "base/signals.h"
 #include "hostd/api.h"
 #include "hostd/domain_manager.h"
@@ -50,6 +51,37 @@ Result<std::string> load_or_make_token(const std::string& path) {
   return token;
 }
 
+// keel-switch and keel-switch-ctl: next to keeld's build (build/src/hostd/keeld ->
+// build/src/switch/), then next to keeld (an install), then PATH. Empty binaries if not found.
+SwitchBackend find_switch(const std::string& state_dir) {
+  SwitchBackend sw;
+  sw.state_dir = state_dir + "/switch";
+  sw.ctl_socket = state_dir + "/run/keel-switch.sock";
+  std::string self_dir;
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n > 0) {
+    std::string self(buf, static_cast<size_t>(n));
+    self_dir = self.substr(0, self.rfind('/'));
+  }
+  auto usable = [](const std::string& p) { return ::access(p.c_str(), X_OK) == 0; };
+  for (const std::string& dir : {self_dir + "/../switch", self_dir}) {
+    if (self_dir.empty()) break;
+    if (usable(dir + "/keel-switch") && usable(dir + "/keel-switch-ctl")) {
+      sw.switch_binary = dir + "/keel-switch";
+      sw.ctl_binary = dir + "/keel-switch-ctl";
+      return sw;
+    }
+  }
+  auto a = find_executable("keel-switch");
+  auto b = find_executable("keel-switch-ctl");
+  if (a && b) {
+    sw.switch_binary = *a;
+    sw.ctl_binary = *b;
+  }
+  return sw;
+}
+
 int run(int argc, char** argv) {
   CLI::App app{"keeld: Keel's per-host VM daemon"};
   std::string state_dir = "/var/lib/keel";
@@ -70,6 +102,10 @@ int run(int argc, char** argv) {
   app.add_option("--volume-backend", volume_backend,
                  "Image operations through keel-disk (Keel's disk library, default) or qemu-img")
       ->check(CLI::IsMember({"keel-disk", "qemu-img"}));
+  std::string network_backend;
+  app.add_option("--network-backend", network_backend,
+                 "switch (keel-switch) or bridge (Linux bridges); default switch when keel-switch is found")
+      ->check(CLI::IsMember({"switch", "bridge"}));
   app.add_flag("--no-sandbox", no_sandbox, "Run QEMU without -sandbox (debugging only)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error");
   try {
@@ -117,6 +153,17 @@ int run(int argc, char** argv) {
   if (auto r = pools.ensure_default(state_dir + "/images"); !r) return fail_out(r.error());
   Networks networks(**store, state_dir + "/run");
   if (auto r = networks.ensure_default(); !r) return fail_out(r.error());
+  if (network_backend != "bridge") {
+    auto sw = find_switch(state_dir);
+    if (!sw.switch_binary.empty()) {
+      networks.use_switch(sw);
+    } else if (network_backend == "switch") {
+      KEEL_LOG_ERROR("--network-backend switch: keel-switch and keel-switch-ctl not found (next to keeld or in PATH)");
+      return 1;
+    }
+  }
+  KEEL_LOG_INFO("network backend: {}{}", networks.backend_name(),
+                networks.on_switch() ? " (keel-switch control " + state_dir + "/run/keel-switch.sock)" : "");
   DomainManagerConfig cfg;
   cfg.state_dir = state_dir;
   cfg.qemu_binary = qemu_binary;

@@ -3,13 +3,21 @@
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <functional>
 #include <set>
+#include <thread>
 
 #include <fmt/format.h>
 
+#include "base/log.h"
 #include "base/process.h"
 #include "base/unique_fd.h"
 #include "qemu/domain_def.h"
@@ -44,6 +52,15 @@ Result<void> run_ip(const std::vector<std::string>& args) {
     return fail(EIO, fmt::format("{}: {}", cmd, out.err));
   }
   return ok();
+}
+
+bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
 }
 
 }  // namespace
@@ -115,6 +132,60 @@ bool Networks::link_exists(const std::string& ifname) const {
   return ::if_nametoindex(ifname.c_str()) != 0;
 }
 
+bool Networks::switch_reachable() const {
+  sockaddr_un addr{};
+  if (switch_.ctl_socket.size() >= sizeof(addr.sun_path)) return false;
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return false;
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, switch_.ctl_socket.c_str(), switch_.ctl_socket.size());
+  return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+}
+
+Result<void> Networks::ensure_switch() {
+  if (switch_reachable()) return ok();
+  // Detached like QEMU and dnsmasq: guests' NICs keep working while keeld restarts, and the next
+  // keeld finds the daemon by its control socket.
+  ::mkdir(run_dir_.c_str(), 0711);
+  if (::mkdir(switch_.state_dir.c_str(), 0700) < 0 && errno != EEXIST)
+    return fail_errno("mkdir " + switch_.state_dir);
+  ::unlink(switch_.ctl_socket.c_str());
+  pid_t pid = TRY(qemu::launch_detached({switch_.switch_binary, "--state-dir", switch_.state_dir, "--ctl-socket",
+                                         switch_.ctl_socket},
+                                        switch_.state_dir + "/keel-switch.log", qemu::LaunchIdentity{}));
+  (void)write_file(run_dir_ + "/keel-switch.pid", fmt::format("{}\n", pid));
+  if (!wait_until([&] { return switch_reachable(); }, std::chrono::seconds(10)))
+    return fail(EIO, fmt::format("keel-switch (pid {}) did not open {}; see {}/keel-switch.log", pid,
+                                 switch_.ctl_socket, switch_.state_dir));
+  KEEL_LOG_INFO("started keel-switch (pid {}, control {})", pid, switch_.ctl_socket);
+  return ok();
+}
+
+Result<std::string> Networks::run_ctl(const std::vector<std::string>& args) {
+  std::vector<std::string> argv{switch_.ctl_binary, "--socket", switch_.ctl_socket};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto out = TRY(run_command(argv));
+  if (out.exit_code != 0) {
+    std::string cmd;
+    for (auto& a : args) cmd += " " + a;
+    while (!out.err.empty() && out.err.back() == '\n') out.err.pop_back();
+    return fail(EIO, fmt::format("keel-switch-ctl{}: {}", cmd, out.err));
+  }
+  return out.out;
+}
+
+Result<bool> Networks::switch_has_bridge(const std::string& bridge) {
+  std::string list = TRY(run_ctl({"list-br"}));
+  size_t i = 0;
+  while (i < list.size()) {
+    size_t j = list.find('\n', i);
+    if (j == std::string::npos) j = list.size();
+    if (list.compare(i, j - i, bridge) == 0) return true;
+    i = j + 1;
+  }
+  return false;
+}
+
 Result<json> Networks::list() {
   json out = json::array();
   for (auto& n : TRY(store_.list_networks())) {
@@ -149,7 +220,17 @@ Result<void> Networks::start(const std::string& name) {
   std::string d = dir(name);
   ::mkdir(run_dir_.c_str(), 0711);
   ::mkdir(d.c_str(), 0755);
-  if (!link_exists(def.bridge)) {
+  if (on_switch()) {
+    TRY(ensure_switch());
+    if (!TRY(switch_has_bridge(def.bridge))) TRY(run_ctl({"add-br", def.bridge}));
+    // The bridge's internal port is a tap named like the bridge, left down by keel-switch.
+    if (!wait_until([&] { return link_exists(def.bridge); }, std::chrono::seconds(5)))
+      return fail(EIO, fmt::format("keel-switch made no internal port '{}'", def.bridge));
+    auto addrs = TRY(run_command({"ip", "-o", "-4", "addr", "show", "dev", def.bridge}));
+    if (addrs.out.find(fmt::format(" {}/{} ", def.address, def.prefix)) == std::string::npos)
+      TRY(run_ip({"addr", "add", fmt::format("{}/{}", def.address, def.prefix), "dev", def.bridge}));
+    TRY(run_ip({"link", "set", def.bridge, "up"}));
+  } else if (!link_exists(def.bridge)) {
     TRY(run_ip({"link", "add", "name", def.bridge, "type", "bridge"}));
     TRY(run_ip({"addr", "add", fmt::format("{}/{}", def.address, def.prefix), "dev", def.bridge}));
     TRY(run_ip({"link", "set", def.bridge, "up"}));
@@ -191,7 +272,11 @@ Result<void> Networks::stop(const std::string& name) {
     if (qemu::process_matches(pid, "--interface=" + def.bridge)) ::kill(pid, SIGTERM);
     ::unlink(pidfile.c_str());
   }
-  if (link_exists(def.bridge)) TRY(run_ip({"link", "del", def.bridge}));
+  if (on_switch()) {
+    if (switch_reachable() && TRY(switch_has_bridge(def.bridge))) TRY(run_ctl({"del-br", def.bridge}));
+  } else if (link_exists(def.bridge)) {
+    TRY(run_ip({"link", "del", def.bridge}));
+  }
   rec.active = false;
   return store_.upsert_network(rec);
 }
@@ -243,10 +328,29 @@ Result<std::string> Networks::create_tap(const std::string& network, const std::
   TRY(start(network));
   auto rec = TRY(get(network));
   auto def = TRY(network_from_json(rec.definition));
-  return create_bridge_tap(def.bridge, tap, uid);
+  if (!on_switch()) return create_bridge_tap(def.bridge, tap, uid);
+  if (!valid_ifname(tap)) return fail_invalid("tap name '{}' is not an interface name", tap);
+  if (link_exists(tap)) (void)run_ip({"link", "del", tap});
+  (void)run_ctl({"del-port", tap});  // a port left by a guest that went away without keeld
+  std::vector<std::string> add{"tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"};
+  if (uid >= 0) {
+    add.push_back("user");
+    add.push_back(std::to_string(uid));
+  }
+  TRY(run_ip(add));
+  auto r = run_ip({"link", "set", tap, "up"});
+  // QEMU holds the tap's queue, so keel-switch reads and writes it as an interface (AF_PACKET).
+  auto port = r ? run_ctl({"add-port", def.bridge, tap, "--", "set", "interface", tap, "type=system"})
+                : Result<std::string>(fail(r.error()));
+  if (!port) {
+    (void)run_ip({"link", "del", tap});
+    return fail(port.error());
+  }
+  return tap;
 }
 
 void Networks::delete_tap(const std::string& tap) {
+  if (on_switch() && valid_ifname(tap) && switch_reachable()) (void)run_ctl({"del-port", tap});
   if (valid_ifname(tap) && link_exists(tap)) (void)run_ip({"link", "del", tap});
 }
 

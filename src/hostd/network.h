@@ -1,6 +1,10 @@
-// Networks: a Linux bridge per network with dnsmasq (Debian's dnsmasq-base, as libvirt uses) for
-// DHCP and DNS, and tap devices for guest NICs. Behind this interface so keel-switch can replace
-// the bridge later.
+// Networks: a bridge per network with dnsmasq (Debian's dnsmasq-base, as libvirt uses) for DHCP
+// and DNS, and tap devices for guest NICs. Two backends:
+//  - switch (default when keel-switch is found): one keel-switch daemon per host; a network is a
+//    keel-switch bridge whose internal port (a tap named like the bridge) carries the host address;
+//    a guest NIC is a tap that keel-switch reads with AF_PACKET (port type=system: QEMU holds the
+//    tap's only queue, so the switch cannot open it as type=tap).
+//  - bridge: a Linux bridge per network, guest taps enslaved to it.
 //
 // Modes: "isolated" (guests and host only), "routed" (the host forwards, no NAT), "nat" (routed and
 // masqueraded with iptables, when iptables exists). Networks start lazily, when a guest needs one.
@@ -31,9 +35,22 @@ struct NetworkDef {
 Result<NetworkDef> network_from_json(const nlohmann::json& j);
 nlohmann::json network_to_json(const NetworkDef& d);
 
+// Where keeld finds and keeps its keel-switch daemon.
+struct SwitchBackend {
+  std::string switch_binary;   // keel-switch
+  std::string ctl_binary;      // keel-switch-ctl
+  std::string state_dir;       // keel-switch --state-dir
+  std::string ctl_socket;      // keel-switch --ctl-socket
+};
+
 class Networks {
 public:
   Networks(StateStore& store, std::string run_dir);
+
+  // Puts networks on keel-switch instead of Linux bridges (call before any network starts).
+  void use_switch(SwitchBackend sw) { switch_ = std::move(sw); }
+  bool on_switch() const { return !switch_.switch_binary.empty(); }
+  std::string backend_name() const { return on_switch() ? "switch" : "bridge"; }
 
   Result<void> ensure_default();
   Result<nlohmann::json> list();
@@ -53,10 +70,15 @@ private:
   Result<NetworkRecord> get(const std::string& name);
   bool link_exists(const std::string& ifname) const;
   std::string dir(const std::string& name) const { return run_dir_ + "/net-" + name; }
+  bool switch_reachable() const;
+  Result<void> ensure_switch();
+  Result<std::string> run_ctl(const std::vector<std::string>& args);
+  Result<bool> switch_has_bridge(const std::string& bridge);
 
   StateStore& store_;
   std::string run_dir_;
   std::mutex mutex_;
+  SwitchBackend switch_;
 };
 
 }  // namespace keel::hostd

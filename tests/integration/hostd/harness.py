@@ -121,6 +121,15 @@ class Keeld:
                             os.kill(pid, signal.SIGTERM)
                 except (OSError, ValueError):
                     pass
+        # The host's keel-switch (started detached by keeld, found by its pid file).
+        try:
+            with open(os.path.join(self.state, "run", "keel-switch.pid")) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if self.state.encode() in f.read():
+                    os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -214,12 +214,14 @@ def t_hotplug(args):
         k.cleanup()
 
 
-def t_network(args):
-    """Two guests on the default network (bridge + dnsmasq) get DHCP leases and ping each other.
-    keeld runs in a network namespace of its own, so nothing touches the host's networking."""
-    k = Keeld(args, netns_cmd=["unshare", "--net", "--"])
+def t_network(args, backend="switch"):
+    """Two guests on the default network (keel-switch or Linux bridge, + dnsmasq) get DHCP leases and
+    ping each other. keeld runs in a network namespace of its own, so nothing touches the host's
+    networking."""
+    k = Keeld(args, extra=["--network-backend", backend], netns_cmd=["unshare", "--net", "--"])
     k.start()
     try:
+        check(f"network backend: {backend}" in k.read_log(), k.read_log())
         for name in ("na", "nb"):
             status, body = k.api("POST", "/v1/domains",
                                  guest_def(args, name, "keel.ip=dhcp", memory="160M", nics=[{"network": "default"}]))
@@ -245,8 +247,32 @@ def t_network(args):
         check("PING-OK" in out.replace("echo PING-OK", ""), f"na cannot ping nb ({ip_b}): {out}")
         stats = k.api("GET", "/v1/domains/na/stats")[1]
         check(stats["nics"][0].get("rx_bytes", 0) > 0, f"NIC counters: {stats}")
+        if backend == "switch":
+            ctl = os.path.join(os.path.dirname(args.keeld), "..", "switch", "keel-switch-ctl")
+            sock = os.path.join(k.state, "run", "keel-switch.sock")
+            fdb = subprocess.run([ctl, "--socket", sock, "fdb/show", "keelbr0"], capture_output=True, text=True)
+            check(fdb.returncode == 0, f"fdb/show: {fdb.stderr}")
+            for n, mac in macs.items():
+                check(mac.lower() in fdb.stdout.lower(), f"{n}'s MAC {mac} not in fdb/show: {fdb.stdout}")
+            with open(os.path.join(k.state, "run", "keel-switch.pid")) as f:
+                switch_pid = int(f.read().strip())
+            # keeld restarts; the switch (and the guests' traffic) stays and is re-used.
+            k.stop()
+            check(os.path.exists(f"/proc/{switch_pid}"), "keel-switch did not outlive keeld")
+            k.netns_cmd = ["nsenter", f"--net=/proc/{switch_pid}/ns/net", "--"]
+            k.start()
+            status, body = k.api("POST", "/v1/networks/default/start")
+            check(status == 200, f"network start after keeld restart: {body}")
+            with open(os.path.join(k.state, "run", "keel-switch.pid")) as f:
+                check(int(f.read().strip()) == switch_pid, "a second keel-switch was started")
+            out = k.console_run("nb", f"ping -c 1 -W 2 {leases[macs['na']]} && echo PING-OK", "NQ", timeout=30)
+            check("PING-OK" in out.replace("echo PING-OK", ""), f"nb cannot ping na after keeld restart: {out}")
     finally:
         k.cleanup()
+
+
+def t_network_bridge(args):
+    t_network(args, backend="bridge")
 
 
 def t_bad_input(args):
@@ -554,7 +580,7 @@ def t_storage_boot(args):
 
 
 if __name__ == "__main__":
-    main({"lifecycle": t_lifecycle, "reattach": t_reattach, "hotplug": t_hotplug, "network": t_network,
+    main({"lifecycle": t_lifecycle, "reattach": t_reattach, "hotplug": t_hotplug, "network": t_network, "network_bridge": t_network_bridge,
           "bad_input": t_bad_input, "events": t_events, "storage_cli": t_storage_cli,
           "storage_cli_qemu_img": lambda a: t_storage_cli(a, extra=["--volume-backend", "qemu-img"]),
           "storage_boot": t_storage_boot})
