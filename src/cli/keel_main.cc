@@ -3,6 +3,7 @@
 // Exit codes (scripts can rely on them):
 //   0 success; 1 the operation failed; 2 bad usage or input rejected by keeld (400);
 //   3 cannot reach keeld; 4 no such object (404); 5 conflict or wrong state (409).
+#include <filesystem>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/stat.h>
@@ -283,6 +284,14 @@ std::string human_state(const std::string& s) {
   return s;
 }
 
+// keeld resolves paths in its own working directory: send it ours made absolute.
+std::string absolute_path(const std::string& file) {
+  if (file.empty() || file[0] == '/') return file;
+  std::error_code ec;
+  auto abs = std::filesystem::absolute(file, ec);
+  return ec ? file : abs.string();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -369,9 +378,7 @@ int main(int argc, char** argv) {
   save->add_option("file", file)->required();
   save->callback([&] {
     action = [&] {
-      char resolved[PATH_MAX];
-      std::string abs = file;
-      if (!file.empty() && file[0] != '/' && ::realpath(".", resolved)) abs = std::string(resolved) + "/" + file;
+      std::string abs = absolute_path(file);
       call("POST", "/v1/domains/" + enc(name) + "/save", json{{"file", abs}}.dump());
       print_ok(fmt::format("Domain '{}' saved to {}", name, abs));
       return kOk;
@@ -381,9 +388,7 @@ int main(int argc, char** argv) {
   restore->add_option("file", file)->required();
   restore->callback([&] {
     action = [&] {
-      char resolved[PATH_MAX];
-      std::string abs = file;
-      if (!file.empty() && file[0] != '/' && ::realpath(".", resolved)) abs = std::string(resolved) + "/" + file;
+      std::string abs = absolute_path(file);
       json j = json::parse(call("POST", "/v1/restore", json{{"file", abs}}.dump()).body, nullptr, false);
       print_ok(fmt::format("Domain '{}' restored from {}", j.value("name", "?"), abs), j);
       return kOk;
