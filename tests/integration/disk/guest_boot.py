@@ -16,11 +16,12 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imgtest import run, expect, finish  # noqa: E402
+
 KEEL = sys.argv[1]
 KIT = sys.argv[2]
 ACCEL_CMD = sys.argv[3] if len(sys.argv) > 3 else ""
-failures = []
-passed = 0
 
 INIT = """#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -32,22 +33,6 @@ echo "written by the guest" > /written.txt
 echo KEEL-DISK-OK
 /bin/busybox poweroff -f
 """
-
-
-def expect(cond, what):
-    global passed
-    if cond:
-        passed += 1
-    else:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-
-
-def run(*args, check=True):
-    p = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
-    return p
 
 
 def sha(path):
@@ -166,8 +151,7 @@ def main():
         if booted:
             check_overlay(tmp, overlay2, base, base_sha, "serve")
 
-    print(f"{passed} passed, {len(failures)} failed")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -8,32 +8,10 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imgtest import run, expect, raw_of, finish  # noqa: E402
+
 KEEL = sys.argv[1]
-failures = []
-passed = 0
-
-
-def run(*args, check=True):
-    p = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
-    return p
-
-
-def expect(cond, what):
-    global passed
-    if cond:
-        passed += 1
-    else:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-
-
-def raw_of(tmp, image):
-    out = os.path.join(tmp, "tmp.raw")
-    run("qemu-img", "convert", "-O", "raw", image, out)
-    with open(out, "rb") as f:
-        return f.read()
 
 
 def qcheck(image, label):
@@ -211,8 +189,7 @@ def main():
         p = run(KEEL, "info", os.path.join(tmp, "bad.qcow2"), check=False)
         expect(p.returncode == 1 and "bad.qcow2" in p.stderr, f"bad header error: {p.stderr.strip()}")
 
-    print(f"{passed} passed, {len(failures)} failed")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -11,25 +11,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imgtest import run, expect, finish  # noqa: E402
+
 KEEL = sys.argv[1]
-failures = []
-passed = 0
-
-
-def expect(cond, what):
-    global passed
-    if cond:
-        passed += 1
-    else:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-
-
-def run(*args, check=True):
-    p = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
-    return p
 
 
 def wait_unix(path):
@@ -163,8 +148,7 @@ def main():
             server.wait(timeout=20)
             expect(server.returncode == 0, "server exits cleanly after garbage")
 
-    print(f"{passed} passed, {len(failures)} failed")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -13,27 +13,12 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imgtest import run, expect, finish  # noqa: E402
+
 KEEL = sys.argv[1]
 QEMU_IMG = "qemu-img"
 QEMU_IO = "qemu-io"
-failures = []
-passed = 0
-
-
-def run(*args, check=True):
-    p = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
-    return p
-
-
-def expect(cond, what):
-    global passed
-    if cond:
-        passed += 1
-    else:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
 
 
 def make_source(path, size):
@@ -236,8 +221,7 @@ def main():
             info = json.loads(run(QEMU_IMG, "info", "--output=json", v).stdout)
             expect(info["format-specific"]["data"]["create-type"] == sub, f"qemu-img sees create type {sub}")
 
-    print(f"{passed} passed, {len(failures)} failed")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":
