@@ -305,7 +305,7 @@ int main(int argc, char** argv) {
   app.add_option("-o,--output", g_opts.output, "table or json")->check(CLI::IsMember({"table", "json"}));
 
   std::string name, file, pool, vol, size, format, mode, network, bridge, mac, id, until, target_id, cache, source;
-  bool all = false, from_libvirt = false, from_xl = false, paused = false, readonly = false, user_net = false;
+  bool all = false, from_libvirt = false, from_xl = false, paused = false, readonly = false, user_net = false, shrink = false;
   double timeout = 0;
   int count = 0;
   std::function<int()> action;
@@ -645,9 +645,12 @@ int main(int argc, char** argv) {
   vr->add_option("pool", pool)->required();
   vr->add_option("volume", vol)->required();
   vr->add_option("capacity", size)->required();
+  vr->add_flag("--shrink", shrink, "Allow a capacity below the current one (the data past it is lost)");
   vr->callback([&] {
     action = [&] {
-      call("POST", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/resize", json{{"capacity", size}}.dump());
+      json body = {{"capacity", size}};
+      if (shrink) body["shrink"] = true;
+      call("POST", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/resize", body.dump());
       print_ok(fmt::format("Volume '{}' resized to {}", vol, size));
       return kOk;
     };

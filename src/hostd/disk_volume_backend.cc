@@ -63,6 +63,11 @@ Result<void> write_nonzero_runs(BlockDevice& dst, uint64_t offset, std::span<con
   return ok();
 }
 
+Result<ImageFormat> format_or_probe(const std::string& path, const std::string& format) {
+  if (format.empty()) return disk::probe_format(path);
+  return disk::parse_format(format);
+}
+
 Result<void> sync_path(const std::string& path) {
   auto fd = TRY(UniqueFd::open(path, O_RDONLY));
   if (::fsync(fd.get()) < 0) return fail_errno("fsync " + path);
@@ -103,8 +108,7 @@ public:
   // as all zeros, are left unwritten in the fresh (all-zero) destination, which so stays sparse.
   Result<void> copy(const std::string& from, const std::string& to, const std::string& format,
                     const VolumeProgress& progress) override {
-    auto src_fmt = TRY(disk::probe_format(from));
-    auto src = TRY_CTX(disk::open_image(from, OpenMode::ReadOnly, src_fmt), "open " + from);
+    auto src = TRY_CTX(disk::open_image(from, OpenMode::ReadOnly, TRY(format_or_probe(from, format))), "open " + from);
     const uint64_t total = src->size();
     TRY(create(to, format, total));
     auto dst = TRY_CTX(disk::open_image(to, OpenMode::ReadWrite, TRY(disk::parse_format(format))), "open " + to);
@@ -143,8 +147,9 @@ public:
     return ok();
   }
 
-  Result<void> resize(const std::string& path, uint64_t size, ShrinkPolicy shrink) override {
-    auto dev = TRY(disk::open_image(path, OpenMode::ReadWrite));
+  Result<void> resize(const std::string& path, const std::string& format, uint64_t size,
+                      ShrinkPolicy shrink) override {
+    auto dev = TRY(disk::open_image(path, OpenMode::ReadWrite, TRY(format_or_probe(path, format))));
     if (size < dev->size() && shrink == ShrinkPolicy::Refuse)
       return fail_invalid("capacity: {} is smaller than the volume ({} bytes); shrinking loses data and must be "
                           "asked for",
@@ -157,8 +162,8 @@ public:
     return fail(ENOTSUP, fmt::format("{}: resizing {} volumes is not supported", path, dev->format()));
   }
 
-  Result<VolumeInfo> info(const std::string& path) override {
-    auto fmt = TRY(disk::probe_format(path));
+  Result<VolumeInfo> info(const std::string& path, const std::string& format) override {
+    auto fmt = TRY(format_or_probe(path, format));
     std::unique_ptr<BlockDevice> dev;
     if (fmt == ImageFormat::Qcow2) {
       // The backing chain is not needed to describe this layer (and may be missing).

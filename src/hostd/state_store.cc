@@ -84,6 +84,11 @@ Result<std::unique_ptr<StateStore>> StateStore::open(const std::string& path) {
       name TEXT PRIMARY KEY,
       path TEXT NOT NULL UNIQUE,
       type TEXT NOT NULL DEFAULT 'dir');
+    CREATE TABLE IF NOT EXISTS volumes (
+      pool TEXT NOT NULL,
+      name TEXT NOT NULL,
+      format TEXT NOT NULL,
+      PRIMARY KEY (pool, name));
     CREATE TABLE IF NOT EXISTS networks (
       name TEXT PRIMARY KEY,
       definition TEXT NOT NULL,
@@ -178,6 +183,9 @@ Result<void> StateStore::insert_pool(const PoolRecord& r) {
 
 Result<void> StateStore::delete_pool(const std::string& name) {
   std::lock_guard lock(mutex_);
+  Statement forget(db_, "DELETE FROM volumes WHERE pool = ?");  // a pool defined again later starts afresh
+  forget.bind(1, name);
+  TRY(forget.run());
   Statement st(db_, "DELETE FROM pools WHERE name = ?");
   st.bind(1, name);
   return st.run();
@@ -192,6 +200,37 @@ Result<std::vector<PoolRecord>> StateStore::list_pools() {
   while ((rc = st.step()) == SQLITE_ROW) out.push_back(PoolRecord{st.text(0), st.text(1), st.text(2)});
   if (rc != SQLITE_DONE) return fail(EIO, fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
   return out;
+}
+
+Result<void> StateStore::set_volume_format(const std::string& pool, const std::string& volume,
+                                          const std::string& format) {
+  std::lock_guard lock(mutex_);
+  Statement st(db_, "INSERT INTO volumes (pool, name, format) VALUES (?, ?, ?) "
+                    "ON CONFLICT(pool, name) DO UPDATE SET format = excluded.format");
+  st.bind(1, pool);
+  st.bind(2, volume);
+  st.bind(3, format);
+  return st.run();
+}
+
+Result<std::optional<std::string>> StateStore::volume_format(const std::string& pool, const std::string& volume) {
+  std::lock_guard lock(mutex_);
+  Statement st(db_, "SELECT format FROM volumes WHERE pool = ? AND name = ?");
+  st.bind(1, pool);
+  st.bind(2, volume);
+  TRY(st.ready());
+  int rc = st.step();
+  if (rc == SQLITE_ROW) return std::optional<std::string>(st.text(0));
+  if (rc != SQLITE_DONE) return fail(EIO, fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  return std::optional<std::string>();
+}
+
+Result<void> StateStore::forget_volume(const std::string& pool, const std::string& volume) {
+  std::lock_guard lock(mutex_);
+  Statement st(db_, "DELETE FROM volumes WHERE pool = ? AND name = ?");
+  st.bind(1, pool);
+  st.bind(2, volume);
+  return st.run();
 }
 
 Result<void> StateStore::upsert_network(const NetworkRecord& r) {

@@ -57,6 +57,12 @@ public:
   Result<void> delete_pool(const std::string& name);
   Result<std::vector<PoolRecord>> list_pools();
 
+  // The format each volume was made in, by pool and volume name (volumes are files in the pool's
+  // directory; this only remembers how to open them).
+  Result<void> set_volume_format(const std::string& pool, const std::string& volume, const std::string& format);
+  Result<std::optional<std::string>> volume_format(const std::string& pool, const std::string& volume);
+  Result<void> forget_volume(const std::string& pool, const std::string& volume);
+
   Result<void> upsert_network(const NetworkRecord& r);
   Result<void> delete_network(const std::string& name);
   Result<std::vector<NetworkRecord>> list_networks();

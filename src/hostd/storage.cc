@@ -12,6 +12,7 @@
 
 #include "base/process.h"
 #include "base/unique_fd.h"
+#include "disk/image.h"
 #include "hostd/event_bus.h"
 #include "qemu/domain_def.h"
 
@@ -34,18 +35,25 @@ public:
   // qemu-img reports no progress we read: the caller hears only the start and the end.
   Result<void> copy(const std::string& from, const std::string& to, const std::string& format,
                     const VolumeProgress& progress) override {
-    auto info = TRY(this->info(from));
+    auto info = TRY(this->info(from, format));
     if (progress) progress(0, info.capacity);
-    TRY(run({"qemu-img", "convert", "-q", "-O", format, from, to}));
+    TRY(run({"qemu-img", "convert", "-q", "-f", format, "-O", format, from, to}));
     if (progress) progress(info.capacity, info.capacity);
     return ok();
   }
-  Result<void> resize(const std::string& path, uint64_t size, ShrinkPolicy shrink) override {
-    if (shrink == ShrinkPolicy::Allow) return run({"qemu-img", "resize", "-q", "--shrink", path, std::to_string(size)});
-    return run({"qemu-img", "resize", "-q", path, std::to_string(size)});
+  Result<void> resize(const std::string& path, const std::string& format, uint64_t size,
+                      ShrinkPolicy shrink) override {
+    std::vector<std::string> argv = {"qemu-img", "resize", "-q", "-f", format};
+    if (shrink == ShrinkPolicy::Allow) argv.push_back("--shrink");
+    argv.push_back(path);
+    argv.push_back(std::to_string(size));
+    return run(argv);
   }
-  Result<VolumeInfo> info(const std::string& path) override {
-    auto out = TRY(run_command({"qemu-img", "info", "--output=json", "-U", path}));
+  Result<VolumeInfo> info(const std::string& path, const std::string& format) override {
+    std::vector<std::string> argv = {"qemu-img", "info", "--output=json", "-U"};
+    if (!format.empty()) argv.insert(argv.end(), {"-f", format});
+    argv.push_back(path);
+    auto out = TRY(run_command(argv));
     if (out.exit_code != 0) return fail(EIO, fmt::format("qemu-img info {}: {}", path, out.err));
     json j = json::parse(out.out, nullptr, false);
     if (j.is_discarded() || !j.is_object()) return fail(EIO, "qemu-img info: unreadable output");
@@ -186,9 +194,18 @@ Result<json> StoragePools::list_volumes(const std::string& pool_name) {
   return out;
 }
 
+Result<std::string> StoragePools::recorded_format(const std::string& pool_name, const std::string& vol) {
+  auto format = TRY(store_.volume_format(pool_name, vol));
+  return format ? *format : std::string();
+}
+
+Result<VolumeInfo> StoragePools::describe(const std::string& pool_name, const std::string& vol, const std::string& path) {
+  return backend_->info(path, TRY(recorded_format(pool_name, vol)));
+}
+
 Result<json> StoragePools::volume_info(const std::string& pool_name, const std::string& vol) {
   auto path = TRY(volume_path(pool_name, vol, true));
-  auto info = TRY(backend_->info(path));
+  auto info = TRY(describe(pool_name, vol, path));
   json j = {{"name", vol}, {"pool", pool_name}, {"path", path}, {"format", info.format},
             {"capacity", info.capacity}, {"allocation", info.allocation}};
   if (!info.backing.empty()) j["backing"] = info.backing;
@@ -202,6 +219,7 @@ Result<void> StoragePools::create_volume(const std::string& pool_name, const std
   if (size > (uint64_t{64} << 40)) return fail_invalid("capacity: larger than 64 TiB");
   auto path = TRY(volume_path(pool_name, vol, false));
   auto r = backend_->create(path, format, size);
+  if (r) r = store_.set_volume_format(pool_name, vol, format);
   if (!r) ::unlink(path.c_str());
   return r;
 }
@@ -210,11 +228,18 @@ Result<void> StoragePools::clone_volume(const std::string& pool_name, const std:
                                         const std::string& mode) {
   auto src = TRY(volume_path(pool_name, from, true));
   auto dst = TRY(volume_path(pool_name, to, false));
-  auto info = TRY(backend_->info(src));
+  auto info = TRY(describe(pool_name, from, src));
   Result<void> r;
-  if (mode == "overlay") r = backend_->create_overlay(dst, src, info.format);
-  else if (mode == "copy") r = backend_->copy(src, dst, info.format, progress_reporter("volume-copy", pool_name, to));
-  else return fail_invalid("mode: '{}' is not one of overlay, copy", mode);
+  std::string format = info.format;
+  if (mode == "overlay") {
+    r = backend_->create_overlay(dst, src, info.format);
+    format = "qcow2";
+  } else if (mode == "copy") {
+    r = backend_->copy(src, dst, info.format, progress_reporter("volume-copy", pool_name, to));
+  } else {
+    return fail_invalid("mode: '{}' is not one of overlay, copy", mode);
+  }
+  if (r) r = store_.set_volume_format(pool_name, to, format);
   if (!r) ::unlink(dst.c_str());
   return r;
 }
@@ -225,18 +250,26 @@ Result<void> StoragePools::resize_volume(const std::string& pool_name, const std
   if (size == 0) return fail_invalid("capacity: must be more than 0");
   if (size > (uint64_t{64} << 40)) return fail_invalid("capacity: larger than 64 TiB");
   // Refused here, not only in the backends, so both say it the same way (a 400, not qemu-img's words).
-  auto info = TRY(backend_->info(path));
+  auto info = TRY(describe(pool_name, vol, path));
   if (size < info.capacity && shrink == ShrinkPolicy::Refuse)
     return fail_invalid("capacity: {} is smaller than volume '{}' ({} bytes); shrinking loses data: pass "
                         "\"shrink\": true to do it anyway",
                         size, vol, info.capacity);
-  return backend_->resize(path, size, shrink);
+  return backend_->resize(path, info.format, size, shrink);
 }
 
 Result<void> StoragePools::delete_volume(const std::string& pool_name, const std::string& vol) {
   auto path = TRY(volume_path(pool_name, vol, true));
   if (::unlink(path.c_str()) < 0) return fail_errno("delete " + path);
-  return ok();
+  return store_.forget_volume(pool_name, vol);
+}
+
+// An upload replaces the whole file with bytes the user chose (a qcow2 file uploads as a qcow2 volume),
+// so its format is probed once, here, and recorded; afterwards the guest's writes never change it.
+Result<void> StoragePools::record_uploaded_format(const std::string& pool_name, const std::string& vol,
+                                                  const std::string& path) {
+  auto format = TRY(disk::probe_format(path));  // by magic only: a damaged upload is reported when used
+  return store_.set_volume_format(pool_name, vol, disk::format_name(format));
 }
 
 Result<void> StoragePools::upload(const std::string& pool_name, const std::string& vol, std::string_view data) {
@@ -252,7 +285,7 @@ Result<void> StoragePools::upload(const std::string& pool_name, const std::strin
     }
   }
   if (::rename(tmp.c_str(), path.c_str()) < 0) return fail_errno("rename " + tmp);
-  return ok();
+  return record_uploaded_format(pool_name, vol, path);
 }
 
 Result<void> StoragePools::upload_from(const std::string& pool_name, const std::string& vol, uint64_t size,
@@ -278,6 +311,7 @@ Result<void> StoragePools::upload_from(const std::string& pool_name, const std::
   }
   if (::fsync(fd.get()) < 0) return fail_tmp(Error::from_errno("fsync " + tmp));
   if (::rename(tmp.c_str(), path.c_str()) < 0) return fail_tmp(Error::from_errno("rename " + tmp));
+  TRY(record_uploaded_format(pool_name, vol, path));
   if (progress) progress(size, size);
   return ok();
 }
@@ -295,7 +329,7 @@ Result<std::pair<std::string, std::string>> StoragePools::resolve(const std::str
   auto slash = spec.find('/');
   if (slash == std::string::npos) return fail_invalid("volume: '{}' must be \"pool/volume\"", spec);
   auto path = TRY(volume_path(spec.substr(0, slash), spec.substr(slash + 1), true));
-  auto info = TRY(backend_->info(path));
+  auto info = TRY(describe(spec.substr(0, slash), spec.substr(slash + 1), path));
   return std::make_pair(path, info.format);
 }
 

@@ -41,11 +41,15 @@ public:
   // A qcow2 overlay whose reads fall through to `backing` until written.
   virtual Result<void> create_overlay(const std::string& path, const std::string& backing,
                                       const std::string& backing_format) = 0;
-  // A full, independent copy (backing chains flattened) in `format`.
+  // `format` below is the volume's recorded format: the file is opened as that, never probed, so a
+  // raw volume whose guest wrote a qcow2 header into it stays raw (probing would let a guest point
+  // keeld at host files as "backing files"). An empty format probes (for files keeld did not make).
+  // A full, independent copy (backing chains flattened) of `from`, in `from`'s own format.
   virtual Result<void> copy(const std::string& from, const std::string& to, const std::string& format,
                             const VolumeProgress& progress) = 0;
-  virtual Result<void> resize(const std::string& path, uint64_t size, ShrinkPolicy shrink) = 0;
-  virtual Result<VolumeInfo> info(const std::string& path) = 0;
+  virtual Result<void> resize(const std::string& path, const std::string& format, uint64_t size,
+                              ShrinkPolicy shrink) = 0;
+  virtual Result<VolumeInfo> info(const std::string& path, const std::string& format) = 0;
 };
 
 std::unique_ptr<VolumeBackend> make_qemu_img_backend();
@@ -94,6 +98,10 @@ public:
 private:
   Result<PoolRecord> pool(const std::string& name);
   Result<std::string> volume_path(const std::string& pool, const std::string& vol, bool must_exist);
+  // The format recorded when keeld made the volume, or "" for a file it did not make (then probed).
+  Result<std::string> recorded_format(const std::string& pool, const std::string& vol);
+  Result<VolumeInfo> describe(const std::string& pool, const std::string& vol, const std::string& path);
+  Result<void> record_uploaded_format(const std::string& pool, const std::string& vol, const std::string& path);
 
   // Publishes progress at most every quarter second (and at the start and the end).
   VolumeProgress progress_reporter(const std::string& operation, const std::string& pool, const std::string& vol);

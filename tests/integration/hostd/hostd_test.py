@@ -464,6 +464,11 @@ def t_storage_cli(args, extra=()):
         status, body = k.api("POST", "/v1/pools/default/volumes/full/resize", {"capacity": "96M", "shrink": True})
         check(status == 200, f"shrink when asked: {status} {body}")
         check(k.api("GET", "/v1/pools/default/volumes/full")[1]["capacity"] == 96 << 20, "capacity after shrink")
+        # The CLI refuses a shrink too unless --shrink is given (as virsh vol-resize does).
+        refused = k.keel("vol-resize", "default", "full", "80M")
+        check(refused.returncode != 0 and "shrink" in refused.stderr, f"vol-resize without --shrink: {refused}")
+        k.keel("vol-resize", "default", "full", "80M", "--shrink", check_rc=0)
+        check(k.api("GET", "/v1/pools/default/volumes/full")[1]["capacity"] == 80 << 20, "capacity after --shrink")
         for v in ("base", "child", "full"):
             p = subprocess.run(["qemu-img", "check", "-q", os.path.join(k.state, "images", v)], capture_output=True, text=True)
             check(p.returncode == 0, f"qemu-img check {v}: {p.stdout}{p.stderr}")

@@ -201,6 +201,41 @@ TEST_P(StorageTest, BadImagesGiveErrors) {
   EXPECT_FALSE(pools.resize_volume("default", "junk", 2 << 20));
 }
 
+// A guest owns the bytes of its raw disk and may write a qcow2 header at offset 0, naming a host file
+// as its backing file. The volume must stay raw: opened as qcow2 it would expose that host file.
+TEST_P(StorageTest, GuestWrittenHeaderDoesNotChangeTheFormat) {
+  auto& pools = *pools_;
+  ASSERT_TRUE(pools.create_volume("default", "rawdisk", "raw", 8 << 20));
+  std::string evil = dir_ + "/evil.qcow2";
+  auto made = run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", evil, "1G"});
+  ASSERT_TRUE(made && made->exit_code == 0);
+  auto header = read_file(evil);
+  ASSERT_TRUE(header);
+  write_guest("rawdisk", 0, header->substr(0, 4096));
+  ASSERT_EQ(*disk::probe_format(vol("rawdisk")), disk::ImageFormat::Qcow2);  // what probing would say
+
+  auto info = pools.volume_info("default", "rawdisk");
+  ASSERT_TRUE(info) << info.error().message();
+  EXPECT_EQ((*info)["format"], "raw");
+  EXPECT_EQ((*info)["capacity"], 8u << 20);
+  EXPECT_FALSE(info->contains("backing"));
+  auto resolved = pools.resolve("default/rawdisk");
+  ASSERT_TRUE(resolved);
+  EXPECT_EQ(resolved->second, "raw");
+  // Copies and overlays treat it as raw too.
+  ASSERT_TRUE(pools.clone_volume("default", "rawdisk", "rawcopy", "copy"));
+  EXPECT_EQ((*pools.volume_info("default", "rawcopy"))["format"], "raw");
+  ASSERT_TRUE(pools.clone_volume("default", "rawdisk", "rawover", "overlay"));
+  EXPECT_EQ(qemu_img_info("rawover")["backing-filename-format"], "raw");
+  ASSERT_TRUE(pools.resize_volume("default", "rawdisk", 16 << 20));
+  EXPECT_EQ((*pools.volume_info("default", "rawdisk"))["capacity"], 16u << 20);
+
+  // Deleting forgets the format: a new volume of that name gets its own.
+  ASSERT_TRUE(pools.delete_volume("default", "rawdisk"));
+  ASSERT_TRUE(pools.create_volume("default", "rawdisk", "qcow2", 1 << 20));
+  EXPECT_EQ((*pools.volume_info("default", "rawdisk"))["format"], "qcow2");
+}
+
 TEST_P(StorageTest, LongOperationsReportProgress) {
   EventBus events;
   auto sub = events.subscribe();
