@@ -72,7 +72,15 @@ public:
 // A tap device (created if absent). `internal` ports are taps brought up as the host's view of the
 // bridge (OpenFlow LOCAL).
 enum class LinkState { Up, LeaveDown };
-Result<std::unique_ptr<Port>> open_tap_port(const std::string& ifname, LinkState state = LinkState::Up);
+// A Persistent tap outlives keel-switch (a crash, a restart), as Open vSwitch's internal ports outlive
+// ovs-vswitchd: the host's addresses and routes on it, and a dnsmasq bound to it, stay while the
+// switch restarts, and the restarted switch attaches to the same device. delete_persistent_tap()
+// removes it when its port is deleted for good.
+enum class TapLifetime { WithPort, Persistent };
+Result<std::unique_ptr<Port>> open_tap_port(const std::string& ifname, LinkState state = LinkState::Up,
+                                            TapLifetime lifetime = TapLifetime::WithPort);
+// Call after the port that held the tap is closed.
+Result<void> delete_persistent_tap(const std::string& ifname);
 // AF_PACKET on an existing interface (a veth end, an uplink NIC), in promiscuous mode.
 Result<std::unique_ptr<Port>> open_afpacket_port(const std::string& ifname);
 // A unix socket carrying QEMU's `-netdev stream` (4-byte big-endian length + frame) or `-netdev dgram`

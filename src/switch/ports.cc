@@ -121,15 +121,34 @@ private:
 
 }  // namespace
 
-Result<std::unique_ptr<Port>> open_tap_port(const std::string& ifname, LinkState state) {
+namespace {
+
+// Creates the tap `ifname`, or attaches to it if it exists (a persistent one left by a previous run).
+Result<UniqueFd> attach_tap(const std::string& ifname) {
   if (ifname.empty() || ifname.size() >= IFNAMSIZ) return fail_invalid("bad interface name '{}'", ifname);
   UniqueFd fd = TRY(UniqueFd::open("/dev/net/tun", O_RDWR | O_NONBLOCK));
   ifreq ifr{};
   ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
   std::strncpy(ifr.ifr_name, ifname.c_str(), IFNAMSIZ - 1);
   if (ioctl(fd.get(), TUNSETIFF, &ifr) < 0) return fail_errno("TUNSETIFF " + ifname);
+  return fd;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Port>> open_tap_port(const std::string& ifname, LinkState state, TapLifetime lifetime) {
+  UniqueFd fd = TRY(attach_tap(ifname));
+  if (lifetime == TapLifetime::Persistent && ioctl(fd.get(), TUNSETPERSIST, 1) < 0)
+    return fail_errno("TUNSETPERSIST " + ifname);
   if (state == LinkState::Up) TRY(set_interface_up(ifname));
   return std::unique_ptr<Port>(new TapPort(std::move(fd), ifname));
+}
+
+Result<void> delete_persistent_tap(const std::string& ifname) {
+  // Attaching creates the tap if it is already gone; either way it disappears when this fd closes.
+  UniqueFd fd = TRY(attach_tap(ifname));
+  if (ioctl(fd.get(), TUNSETPERSIST, 0) < 0) return fail_errno("TUNSETPERSIST " + ifname);
+  return ok();
 }
 
 // ---------------------------------------------------------------------------------------------------

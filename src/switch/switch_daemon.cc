@@ -575,7 +575,7 @@ Result<std::unique_ptr<Port>> open_port(const std::string& name, const json& p, 
   if (type == "system") return open_afpacket_port(name);
   if (type == "tap") return open_tap_port(name, LinkState::Up);
   // Internal ports stay down until the operator brings them up, as Open vSwitch's do.
-  if (type == "internal") return open_tap_port(name, LinkState::LeaveDown);
+  if (type == "internal") return open_tap_port(name, LinkState::LeaveDown, TapLifetime::Persistent);
   if (type == "stream" || type == "dgram") {
     std::string path = opt("path");
     if (path.empty()) return fail_invalid("port {}: type={} needs options:path=SOCKET", name, type);
@@ -604,6 +604,12 @@ Result<std::unique_ptr<Port>> open_port(const std::string& name, const json& p, 
   return fail_invalid("port {}: unknown type {}", name, type);
 }
 
+// Internal ports' taps persist across keel-switch restarts (see TapLifetime); deleting the port or
+// its bridge deletes the tap.
+void delete_internal_tap(const std::string& name) {
+  if (auto r = delete_persistent_tap(name); !r) KEEL_LOG_WARN("delete internal port {}: {}", name, r.error().message());
+}
+
 }  // namespace
 
 Result<void> SwitchDaemon::reconcile(const json& config, const json* known) {
@@ -612,7 +618,11 @@ Result<void> SwitchDaemon::reconcile(const json& config, const json* known) {
   for (auto it = bridges_.begin(); it != bridges_.end();) {
     if (!want.contains(it->first)) {
       KEEL_LOG_INFO("removing bridge {}", it->first);
-      it = bridges_.erase(it);
+      std::vector<std::string> internal_taps = {it->first};
+      for (auto& [port, p] : it->second.applied["ports"].items())
+        if (p.value("type", "") == "internal") internal_taps.push_back(port);
+      it = bridges_.erase(it);  // closes the ports first
+      for (const auto& tap : internal_taps) delete_internal_tap(tap);
     } else {
       ++it;
     }
@@ -633,7 +643,7 @@ Result<void> SwitchDaemon::reconcile(const json& config, const json* known) {
       normal.instructions.apply.push_back(out);
       (void)lb.bridge->apply_flow_mod(normal);
       // The bridge's own internal port (OpenFlow LOCAL), as the host's interface to it.
-      auto local = open_tap_port(name, LinkState::LeaveDown);
+      auto local = open_tap_port(name, LinkState::LeaveDown, TapLifetime::Persistent);
       if (local && b.contains("hwaddr")) {
         auto mac = parse_mac(b["hwaddr"].get<std::string>());
         if (mac) (void)set_interface_mac(name, *mac);
@@ -666,6 +676,7 @@ Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want, co
     if (!want["ports"].contains(name)) gone.push_back(name);
   for (const auto& name : gone) {
     (void)br.remove_port(name);
+    if (applied_ports[name].value("type", "") == "internal") delete_internal_tap(name);
     applied_ports.erase(name);
   }
   for (auto& [name, p] : want["ports"].items()) {
@@ -675,6 +686,8 @@ Result<void> SwitchDaemon::reconcile_bridge(LiveBridge& lb, const json& want, co
                    applied_ports[name].value("bond_mode", json()) != p.value("bond_mode", json()) ||
                    applied_ports[name].value("ofport", 0) != p.value("ofport", 0))) {
       (void)br.remove_port(name);
+      if (applied_ports[name].value("type", "") == "internal" && p.value("type", "") != "internal")
+        delete_internal_tap(name);
       applied_ports.erase(name);
       exists = false;
     }
