@@ -133,6 +133,24 @@ void print_ok(const std::string& text, const json& j = {{"ok", true}}) {
   else std::printf("%s\n", text.c_str());
 }
 
+// A list verb's output: the JSON array as it came with -o json, else a table of one row per item.
+int print_list(const json& items, const std::vector<std::string>& headers,
+               const std::function<std::vector<std::string>(const json&)>& row) {
+  if (json_output()) {
+    std::printf("%s\n", items.dump(2).c_str());
+    return kOk;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (auto& item : items) rows.push_back(row(item));
+  print_table(headers, rows);
+  return kOk;
+}
+
+// What a verb sends when it is one request and one line of output.
+struct Request {
+  std::string method, path, body;
+};
+
 std::string read_input_file(const std::string& path) {
   if (path == "-") {
     std::string s((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
@@ -310,6 +328,23 @@ int main(int argc, char** argv) {
   int count = 0;
   std::function<int()> action;
 
+  // A verb whose positional arguments make one request and whose output is one line (or {"ok": true}).
+  auto one_request = [&](const std::string& verb, const std::string& help,
+                         const std::vector<std::pair<std::string, std::string*>>& args,
+                         std::function<Request()> request, std::function<std::string()> done) {
+    auto* c = app.add_subcommand(verb, help);
+    for (const auto& [arg, value] : args) c->add_option(arg, *value)->required();
+    c->callback([&action, request, done] {
+      action = [request, done] {
+        Request r = request();
+        call(r.method, r.path, r.body);
+        print_ok(done());
+        return kOk;
+      };
+    });
+    return c;
+  };
+
   auto* list = app.add_subcommand("list", "List domains");
   list->add_flag("--all", all, "Include domains that are shut off");
   list->callback([&] {
@@ -318,14 +353,9 @@ int main(int argc, char** argv) {
       json shown = json::array();
       for (auto& d : j)
         if (all || d.value("state", "") != "shutoff") shown.push_back(d);
-      if (json_output()) {
-        std::printf("%s\n", shown.dump(2).c_str());
-        return kOk;
-      }
-      std::vector<std::vector<std::string>> rows;
-      for (auto& d : shown) rows.push_back({str(d, "id"), str(d, "name"), human_state(str(d, "state"))});
-      print_table({"Id", "Name", "State"}, rows);
-      return kOk;
+      return print_list(shown, {"Id", "Name", "State"}, [](const json& d) -> std::vector<std::string> {
+        return {str(d, "id"), str(d, "name"), human_state(str(d, "state"))};
+      });
     };
   });
 
@@ -342,15 +372,9 @@ int main(int argc, char** argv) {
     };
   });
 
-  auto* undefine = app.add_subcommand("undefine", "Remove a domain's definition");
-  undefine->add_option("domain", name)->required();
-  undefine->callback([&] {
-    action = [&] {
-      call("DELETE", "/v1/domains/" + enc(name));
-      print_ok(fmt::format("Domain '{}' has been undefined", name));
-      return kOk;
-    };
-  });
+  one_request("undefine", "Remove a domain's definition", {{"domain", &name}},
+              [&] { return Request{"DELETE", "/v1/domains/" + enc(name), ""}; },
+              [&] { return fmt::format("Domain '{}' has been undefined", name); });
 
   auto simple = [&](const std::string& verb, const std::string& api, const std::string& help, const std::string& done_text) {
     auto* c = app.add_subcommand(verb, help);
@@ -373,17 +397,9 @@ int main(int argc, char** argv) {
   simple("suspend", "suspend", "Pause a domain's CPUs", "Domain '{}' suspended");
   simple("resume", "resume", "Resume a paused domain", "Domain '{}' resumed");
 
-  auto* save = app.add_subcommand("save", "Save a running domain's state to a file and stop it");
-  save->add_option("domain", name)->required();
-  save->add_option("file", file)->required();
-  save->callback([&] {
-    action = [&] {
-      std::string abs = absolute_path(file);
-      call("POST", "/v1/domains/" + enc(name) + "/save", json{{"file", abs}}.dump());
-      print_ok(fmt::format("Domain '{}' saved to {}", name, abs));
-      return kOk;
-    };
-  });
+  one_request("save", "Save a running domain's state to a file and stop it", {{"domain", &name}, {"file", &file}},
+              [&] { return Request{"POST", "/v1/domains/" + enc(name) + "/save", json{{"file", absolute_path(file)}}.dump()}; },
+              [&] { return fmt::format("Domain '{}' saved to {}", name, absolute_path(file)); });
   auto* restore = app.add_subcommand("restore", "Restore a domain from a saved state file");
   restore->add_option("file", file)->required();
   restore->callback([&] {
@@ -503,16 +519,9 @@ int main(int argc, char** argv) {
       return kOk;
     };
   });
-  auto* di = app.add_subcommand("detach-interface", "Remove a NIC by id or MAC");
-  di->add_option("domain", name)->required();
-  di->add_option("id-or-mac", id)->required();
-  di->callback([&] {
-    action = [&] {
-      call("DELETE", "/v1/domains/" + enc(name) + "/nics/" + enc(id));
-      print_ok(fmt::format("Interface {} detached from '{}'", id, name));
-      return kOk;
-    };
-  });
+  one_request("detach-interface", "Remove a NIC by id or MAC", {{"domain", &name}, {"id-or-mac", &id}},
+              [&] { return Request{"DELETE", "/v1/domains/" + enc(name) + "/nics/" + enc(id), ""}; },
+              [&] { return fmt::format("Interface {} detached from '{}'", id, name); });
   auto* ad = app.add_subcommand("attach-disk", "Add a disk (hot-plugged when the domain runs)");
   ad->add_option("domain", name)->required();
   ad->add_option("source", source, "Image path, or pool/volume")->required();
@@ -534,66 +543,33 @@ int main(int argc, char** argv) {
       return kOk;
     };
   });
-  auto* dd = app.add_subcommand("detach-disk", "Remove a disk by id");
-  dd->add_option("domain", name)->required();
-  dd->add_option("id", id)->required();
-  dd->callback([&] {
-    action = [&] {
-      call("DELETE", "/v1/domains/" + enc(name) + "/disks/" + enc(id));
-      print_ok(fmt::format("Disk {} detached from '{}'", id, name));
-      return kOk;
-    };
-  });
+  one_request("detach-disk", "Remove a disk by id", {{"domain", &name}, {"id", &id}},
+              [&] { return Request{"DELETE", "/v1/domains/" + enc(name) + "/disks/" + enc(id), ""}; },
+              [&] { return fmt::format("Disk {} detached from '{}'", id, name); });
 
   // ---- pools and volumes ----
   auto* pl = app.add_subcommand("pool-list", "List storage pools");
   pl->callback([&] {
     action = [&] {
-      json j = call_json("GET", "/v1/pools");
-      if (json_output()) {
-        std::printf("%s\n", j.dump(2).c_str());
-        return kOk;
-      }
-      std::vector<std::vector<std::string>> rows;
-      for (auto& p : j)
-        rows.push_back({str(p, "name"), str(p, "state"), str(p, "path"),
-                        p.contains("available") ? format_size(p["available"].get<uint64_t>()) : "-"});
-      print_table({"Name", "State", "Path", "Available"}, rows);
-      return kOk;
+      return print_list(call_json("GET", "/v1/pools"), {"Name", "State", "Path", "Available"},
+                        [](const json& p) -> std::vector<std::string> {
+                          return {str(p, "name"), str(p, "state"), str(p, "path"),
+                                  p.contains("available") ? format_size(p["available"].get<uint64_t>()) : "-"};
+                        });
     };
   });
-  auto* pd = app.add_subcommand("pool-define", "Define a directory pool");
-  pd->add_option("pool", pool)->required();
-  pd->add_option("path", file)->required();
-  pd->callback([&] {
-    action = [&] {
-      call("POST", "/v1/pools", json{{"name", pool}, {"path", file}}.dump());
-      print_ok(fmt::format("Pool '{}' defined at {}", pool, file));
-      return kOk;
-    };
-  });
-  auto* pu = app.add_subcommand("pool-undefine", "Forget a pool (its files stay)");
-  pu->add_option("pool", pool)->required();
-  pu->callback([&] {
-    action = [&] {
-      call("DELETE", "/v1/pools/" + enc(pool));
-      print_ok(fmt::format("Pool '{}' has been undefined", pool));
-      return kOk;
-    };
-  });
+  one_request("pool-define", "Define a directory pool", {{"pool", &pool}, {"path", &file}},
+              [&] { return Request{"POST", "/v1/pools", json{{"name", pool}, {"path", file}}.dump()}; },
+              [&] { return fmt::format("Pool '{}' defined at {}", pool, file); });
+  one_request("pool-undefine", "Forget a pool (its files stay)", {{"pool", &pool}},
+              [&] { return Request{"DELETE", "/v1/pools/" + enc(pool), ""}; },
+              [&] { return fmt::format("Pool '{}' has been undefined", pool); });
   auto* vl = app.add_subcommand("vol-list", "List a pool's volumes");
   vl->add_option("pool", pool)->required();
   vl->callback([&] {
     action = [&] {
-      json j = call_json("GET", "/v1/pools/" + enc(pool) + "/volumes");
-      if (json_output()) {
-        std::printf("%s\n", j.dump(2).c_str());
-        return kOk;
-      }
-      std::vector<std::vector<std::string>> rows;
-      for (auto& v : j) rows.push_back({str(v, "name"), str(v, "path")});
-      print_table({"Name", "Path"}, rows);
-      return kOk;
+      return print_list(call_json("GET", "/v1/pools/" + enc(pool) + "/volumes"), {"Name", "Path"},
+                        [](const json& v) -> std::vector<std::string> { return {str(v, "name"), str(v, "path")}; });
     };
   });
   auto* vi = app.add_subcommand("vol-info", "Show a volume's format and sizes");
@@ -614,57 +590,34 @@ int main(int argc, char** argv) {
       return kOk;
     };
   });
-  auto* vc = app.add_subcommand("vol-create", "Create a volume");
-  vc->add_option("pool", pool)->required();
-  vc->add_option("volume", vol)->required();
-  vc->add_option("capacity", size, "e.g. 1G")->required();
-  vc->add_option("--format", format, "qcow2 (default) or raw");
-  vc->callback([&] {
-    action = [&] {
-      json body = {{"name", vol}, {"capacity", size}};
-      if (!format.empty()) body["format"] = format;
-      call("POST", "/v1/pools/" + enc(pool) + "/volumes", body.dump());
-      print_ok(fmt::format("Volume '{}' created in pool '{}'", vol, pool));
-      return kOk;
-    };
-  });
-  auto* vcl = app.add_subcommand("vol-clone", "Clone a volume (qcow2 overlay or full copy)");
-  vcl->add_option("pool", pool)->required();
-  vcl->add_option("volume", vol)->required();
-  vcl->add_option("new-volume", id)->required();
-  vcl->add_option("--mode", mode, "overlay (default) or copy")->check(CLI::IsMember({"overlay", "copy"}));
-  vcl->callback([&] {
-    action = [&] {
-      json body = {{"name", id}, {"clone_of", vol}, {"mode", mode.empty() ? "overlay" : mode}};
-      call("POST", "/v1/pools/" + enc(pool) + "/volumes", body.dump());
-      print_ok(fmt::format("Volume '{}' cloned from '{}'", id, vol));
-      return kOk;
-    };
-  });
-  auto* vr = app.add_subcommand("vol-resize", "Resize a volume");
-  vr->add_option("pool", pool)->required();
-  vr->add_option("volume", vol)->required();
-  vr->add_option("capacity", size)->required();
-  vr->add_flag("--shrink", shrink, "Allow a capacity below the current one (the data past it is lost)");
-  vr->callback([&] {
-    action = [&] {
-      json body = {{"capacity", size}};
-      if (shrink) body["shrink"] = true;
-      call("POST", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/resize", body.dump());
-      print_ok(fmt::format("Volume '{}' resized to {}", vol, size));
-      return kOk;
-    };
-  });
-  auto* vd = app.add_subcommand("vol-delete", "Delete a volume");
-  vd->add_option("pool", pool)->required();
-  vd->add_option("volume", vol)->required();
-  vd->callback([&] {
-    action = [&] {
-      call("DELETE", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol));
-      print_ok(fmt::format("Volume '{}' deleted", vol));
-      return kOk;
-    };
-  });
+  one_request("vol-create", "Create a volume", {{"pool", &pool}, {"volume", &vol}, {"capacity", &size}},
+              [&] {
+                json body = {{"name", vol}, {"capacity", size}};
+                if (!format.empty()) body["format"] = format;
+                return Request{"POST", "/v1/pools/" + enc(pool) + "/volumes", body.dump()};
+              },
+              [&] { return fmt::format("Volume '{}' created in pool '{}'", vol, pool); })
+      ->add_option("--format", format, "qcow2 (default) or raw");
+  one_request("vol-clone", "Clone a volume (qcow2 overlay or full copy)",
+              {{"pool", &pool}, {"volume", &vol}, {"new-volume", &id}},
+              [&] {
+                json body = {{"name", id}, {"clone_of", vol}, {"mode", mode.empty() ? "overlay" : mode}};
+                return Request{"POST", "/v1/pools/" + enc(pool) + "/volumes", body.dump()};
+              },
+              [&] { return fmt::format("Volume '{}' cloned from '{}'", id, vol); })
+      ->add_option("--mode", mode, "overlay (default) or copy")
+      ->check(CLI::IsMember({"overlay", "copy"}));
+  one_request("vol-resize", "Resize a volume", {{"pool", &pool}, {"volume", &vol}, {"capacity", &size}},
+              [&] {
+                json body = {{"capacity", size}};
+                if (shrink) body["shrink"] = true;
+                return Request{"POST", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol) + "/resize", body.dump()};
+              },
+              [&] { return fmt::format("Volume '{}' resized to {}", vol, size); })
+      ->add_flag("--shrink", shrink, "Allow a capacity below the current one (the data past it is lost)");
+  one_request("vol-delete", "Delete a volume", {{"pool", &pool}, {"volume", &vol}},
+              [&] { return Request{"DELETE", "/v1/pools/" + enc(pool) + "/volumes/" + enc(vol), ""}; },
+              [&] { return fmt::format("Volume '{}' deleted", vol); });
   auto* vup = app.add_subcommand("vol-upload", "Replace a volume's content with a local file");
   vup->add_option("pool", pool)->required();
   vup->add_option("volume", vol)->required();
@@ -707,29 +660,16 @@ int main(int argc, char** argv) {
   nl->add_flag("--all", all, "(accepted for virsh compatibility; all networks are listed)");
   nl->callback([&] {
     action = [&] {
-      json j = call_json("GET", "/v1/networks");
-      if (json_output()) {
-        std::printf("%s\n", j.dump(2).c_str());
-        return kOk;
-      }
-      std::vector<std::vector<std::string>> rows;
-      for (auto& n : j)
-        rows.push_back({str(n, "name"), n.value("active", false) ? "active" : "inactive", str(n, "mode"), str(n, "bridge"),
-                        fmt::format("{}/{}", str(n, "address"), str(n, "prefix"))});
-      print_table({"Name", "State", "Mode", "Bridge", "Address"}, rows);
-      return kOk;
+      return print_list(call_json("GET", "/v1/networks"), {"Name", "State", "Mode", "Bridge", "Address"},
+                        [](const json& n) -> std::vector<std::string> {
+                          return {str(n, "name"), n.value("active", false) ? "active" : "inactive", str(n, "mode"),
+                                  str(n, "bridge"), fmt::format("{}/{}", str(n, "address"), str(n, "prefix"))};
+                        });
     };
   });
-  auto* nd = app.add_subcommand("net-define", "Define a network from a JSON file");
-  nd->add_option("file", file)->required();
-  nd->callback([&] {
-    action = [&] {
-      std::string text = read_input_file(file);
-      call("POST", "/v1/networks", text);
-      print_ok(fmt::format("Network defined from {}", file));
-      return kOk;
-    };
-  });
+  one_request("net-define", "Define a network from a JSON file", {{"file", &file}},
+              [&] { return Request{"POST", "/v1/networks", read_input_file(file)}; },
+              [&] { return fmt::format("Network defined from {}", file); });
   for (auto verb : {"net-start", "net-stop", "net-undefine", "net-destroy"}) {
     auto* c = app.add_subcommand(verb, std::string(verb) + " a network");
     c->add_option("network", network)->required();
@@ -747,15 +687,10 @@ int main(int argc, char** argv) {
   leases->add_option("network", network)->required();
   leases->callback([&] {
     action = [&] {
-      json j = call_json("GET", "/v1/networks/" + enc(network) + "/leases");
-      if (json_output()) {
-        std::printf("%s\n", j.dump(2).c_str());
-        return kOk;
-      }
-      std::vector<std::vector<std::string>> rows;
-      for (auto& l : j) rows.push_back({str(l, "mac"), str(l, "ip"), str(l, "hostname")});
-      print_table({"MAC address", "IP address", "Hostname"}, rows);
-      return kOk;
+      return print_list(call_json("GET", "/v1/networks/" + enc(network) + "/leases"),
+                        {"MAC address", "IP address", "Hostname"}, [](const json& l) -> std::vector<std::string> {
+                          return {str(l, "mac"), str(l, "ip"), str(l, "hostname")};
+                        });
     };
   });
 
