@@ -23,8 +23,10 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lib"))
+from console_process import ConsoleProcess as Process, accelerator  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 OF_PORT = 6653
@@ -32,61 +34,6 @@ VM1 = {"name": "vm1", "ip": "10.0.0.1", "mac": "52:54:00:00:0a:01"}
 VM2 = {"name": "vm2", "ip": "10.0.0.2", "mac": "52:54:00:00:0a:02"}
 # Generous: the build machines are shared and TCG is slow.
 BOOT_AND_PING_TIMEOUT = 240
-
-
-class Process:
-    """A child whose stdout is collected line by line and whose stdin stays open."""
-
-    def __init__(self, name, args, stdin=subprocess.DEVNULL):
-        self.name = name
-        self.lines = []
-        self.cond = threading.Condition()
-        self.start = time.monotonic()
-        self.proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            with self.cond:
-                self.lines.append(line)
-                self.cond.notify_all()
-        with self.cond:
-            self.cond.notify_all()
-
-    def wait_for(self, pattern, timeout):
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        seen = 0
-        with self.cond:
-            while True:
-                for line in self.lines[seen:]:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                seen = len(self.lines)
-                if self.proc.poll() is not None and not self.reader.is_alive():
-                    return None
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(min(left, 0.5))
-
-    def say(self, text):
-        """A line on the guest's serial console (its `read` returns)."""
-        self.proc.stdin.write(text.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()  # by pid
-        self.proc.wait()
-        self.reader.join(5)
-
-    def output(self, n=60):
-        with self.cond:
-            return "\n".join(self.lines[-n:])
 
 
 class Test:
@@ -130,16 +77,6 @@ class Test:
             self.fail(f"ovs-ofctl {' '.join(argv)}: {r.stdout}{r.stderr}")
         return r.stdout
 
-    def accelerator(self):
-        if os.environ.get("KEEL_ACCEL"):
-            return os.environ["KEEL_ACCEL"]
-        cmd = self.args.accel_cmd
-        if cmd and os.access(cmd, os.X_OK):
-            out = subprocess.run([cmd, "-q"], capture_output=True, text=True).stdout.strip()
-            if out in ("kvm", "tcg"):
-                return out
-        return "tcg"
-
     def start_guest(self, vm, sock, qemu_listens, command, reconnect=False):
         chardev = f"socket,id=c0,path={sock}" + (",server=on,wait=off" if qemu_listens else "")
         if reconnect:
@@ -148,7 +85,7 @@ class Test:
         append = (f"console=ttyS0 quiet panic=-1 keel.hostname={vm['name']} keel.ip={vm['ip']}/24 "
                   f"keel.run64={run64}")
         kit = self.args.kit
-        args = [QEMU, "-machine", "q35", "-accel", self.accelerator(), "-bios", "/usr/share/qemu/qboot.rom",
+        args = [QEMU, "-machine", "q35", "-accel", accelerator(self.args.accel_cmd), "-bios", "/usr/share/qemu/qboot.rom",
                 "-nodefaults", "-no-user-config", "-m", "256", "-display", "none", "-serial", "stdio", "-no-reboot",
                 "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
                 "-kernel", os.path.join(kit, "vmlinuz"), "-initrd", os.path.join(kit, "initramfs.cpio.gz"),

@@ -15,91 +15,16 @@ responder: no host network is involved.
 import argparse
 import base64
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lib"))
+from console_process import ConsoleProcess as Process, accelerator  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 GUEST_IP = "10.0.2.15"
 RESPONDER_IP = "10.0.2.2"
-
-
-class Process:
-    """A child whose stdout is collected line by line."""
-
-    def __init__(self, name, args):
-        self.name = name
-        self.lines = []
-        self.cond = threading.Condition()
-        self.start = time.monotonic()
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            with self.cond:
-                self.lines.append(line)
-                self.cond.notify_all()
-        with self.cond:
-            self.cond.notify_all()
-
-    def wait_for(self, pattern, timeout, after=0):
-        """The first line (from index `after`) matching the regex, or None on timeout/exit. The
-        matched line's index + 1 is left in self.next_line."""
-        deadline = time.monotonic() + timeout
-        seen = after
-        rx = re.compile(pattern)
-        with self.cond:
-            while True:
-                for i, line in enumerate(self.lines[seen:], start=seen):
-                    m = rx.search(line)
-                    if m:
-                        self.next_line = i + 1
-                        return m
-                seen = len(self.lines)
-                if self.proc.poll() is not None and not self.reader.is_alive():
-                    return None
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(min(left, 0.5))
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()  # by pid
-        self.proc.wait()
-
-    def terminate(self, timeout=10):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.reader.join(5)
-
-    def output(self):
-        with self.cond:
-            return "\n".join(self.lines[-60:])
-
-
-def accelerator(accel_cmd):
-    if os.environ.get("KEEL_ACCEL"):
-        return os.environ["KEEL_ACCEL"]
-    if accel_cmd and os.access(accel_cmd, os.X_OK):
-        out = subprocess.run([accel_cmd, "-q"], capture_output=True, text=True).stdout.strip()
-        if out in ("kvm", "tcg"):
-            return out
-    return "tcg"
 
 
 def start_qemu(name, kit, accel, sock, qemu_listens, command, reconnect=False, queues=1):
