@@ -139,7 +139,10 @@ Result<void> Qcow2Image::close() {
   if (read_only_ || !fd_) return ok();
   std::lock_guard lock(mutex_);
   TRY(flush_metadata());
+  TRY(flush_refcounts());
   TRY(sync_file());
+  // Everything, refcount blocks included, is on disk now: the image is whole again.
+  if (we_set_dirty_) TRY(mark_clean());
   return ok();
 }
 
@@ -284,9 +287,6 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
   if (!read_only_) {
     if ((incompat_ & kIncCorrupt) && !options.for_repair)
       return fail_invalid("{}: the image is marked corrupt; check it with 'keel-img check -r all'", path_);
-    if ((incompat_ & kIncDirty) && !options.for_repair)
-      return fail_invalid("{}: the image is dirty (lazy refcounts were not written back); repair it with "
-                          "'keel-img check -r all' first", path_);
     if (extended_l2_)
       return fail(ENOTSUP, fmt::format("{}: writing images with extended L2 entries is not supported", path_));
   }
@@ -345,6 +345,23 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
     autoclear_ = 0;
     uint8_t z[8] = {};
     TRY(pwrite_meta(z, 8, 88, "header"));
+  }
+
+  lazy_ = !read_only_ && version_ == 3 && (compat_ & 1);
+  if (!read_only_ && (incompat_ & kIncDirty) && !options.for_repair) {
+    // Not closed cleanly: its refcounts may lag behind its L2 tables. Repair before any write, as
+    // QEMU does (a check that fixes everything, rebuilding the refcount structure if it must).
+    auto repaired = check(RepairMode::All);
+    if (!repaired)
+      return fail(repaired.error().with_context(fmt::format("{}: could not repair dirty image", path_)));
+    for (auto& m : repaired->messages) KEEL_LOG_INFO("{}: {}", path_, m);
+    if (repaired->check_errors || !repaired->failure.empty())
+      return fail(EIO, fmt::format("{}: could not repair dirty image: {}", path_,
+                                   repaired->failure.empty() ? "check errors" : repaired->failure));
+    KEEL_LOG_WARN("{}: image was not closed cleanly (dirty bit set); repaired {} leaked clusters and {} "
+                  "corruptions{}", path_, repaired->leaks_fixed, repaired->corruptions_fixed,
+                  repaired->corruptions ? fmt::format(", {} corruptions remain", repaired->corruptions) : "");
+    open_repair_ = std::move(*repaired);
   }
 
   if (!backing_file_.empty() && options.open_backing) {
@@ -451,6 +468,8 @@ Result<void> Qcow2Image::ensure_refcounts_before_l2() {
   bool any = rt_dirty_;
   for (auto& s : rb_cache_.slots) any = any || s.dirty;
   if (!any) return ok();
+  // Lazy refcounts: the blocks stay cached; the dirty bit tells a later open to rebuild them.
+  if (lazy_) return mark_dirty();
   TRY(flush_refcounts());
   TRY(sync_file());
   return ok();
@@ -695,7 +714,10 @@ Result<void> Qcow2Image::relocate_refcount_table() {
 Result<void> Qcow2Image::flush_metadata() {
   if (read_only_) return ok();
   wait_for_deferred_writes();
-  TRY(ensure_refcounts_before_l2());
+  bool tables_dirty = l1_dirty_;
+  for (auto& s : l2_cache_.slots) tables_dirty = tables_dirty || (s.offset && s.dirty);
+  // (Lazy refcounts with no table to write: no dirty bit needed; the blocks are written below.)
+  if (!lazy_ || tables_dirty) TRY(ensure_refcounts_before_l2());
   bool wrote = false;
   for (auto& s : l2_cache_.slots)
     if (s.offset && s.dirty) {
@@ -712,8 +734,32 @@ Result<void> Qcow2Image::flush_metadata() {
     auto frees = std::move(pending_frees_);
     pending_frees_.clear();
     for (auto& [off, bytes] : frees) TRY(free_now(off, bytes));
-    TRY(flush_refcounts());
+    // Lazy refcounts: as QEMU's flush of a dirty image, the blocks stay cached until close.
+    if (!lazy_) TRY(flush_refcounts());
   }
+  return ok();
+}
+
+Result<void> Qcow2Image::mark_dirty() {
+  if (incompat_ & kIncDirty) return ok();
+  uint8_t b[8];
+  store_be64(b, incompat_ | kIncDirty);
+  TRY(pwrite_meta(b, sizeof(b), 72, "header"));
+  // The bit must be on disk before any L2 entry whose cluster the refcounts do not count yet.
+  TRY(sync_file());
+  incompat_ |= kIncDirty;
+  we_set_dirty_ = true;
+  return ok();
+}
+
+Result<void> Qcow2Image::mark_clean() {
+  if (version_ < 3 || !(incompat_ & (kIncDirty | kIncCorrupt))) return ok();
+  uint8_t b[8];
+  store_be64(b, incompat_ & ~(kIncDirty | kIncCorrupt));
+  TRY(pwrite_meta(b, sizeof(b), 72, "header"));
+  TRY(sync_file());
+  incompat_ &= ~(kIncDirty | kIncCorrupt);
+  we_set_dirty_ = false;
   return ok();
 }
 
