@@ -606,6 +606,7 @@ Result<void> Qcow2Image::add_refcount(uint64_t cluster, int64_t delta) {
 
 Result<uint64_t> Qcow2Image::allocate_clusters(uint64_t min_count, uint64_t max_count, uint64_t* got) {
   uint64_t c = free_hint_;
+  uint64_t first_free = UINT64_MAX;  // first free cluster this scan saw (maybe in a run too short)
   while (true) {
     // Ranges without a refcount block get one first (in their own first cluster).
     uint64_t range = c / refblock_entries_;
@@ -614,6 +615,7 @@ Result<uint64_t> Qcow2Image::allocate_clusters(uint64_t min_count, uint64_t max_
       ++c;
       continue;
     }
+    first_free = std::min(first_free, c);
     uint64_t n = 1;
     bool broke = false;
     while (n < max_count) {
@@ -637,7 +639,9 @@ Result<uint64_t> Qcow2Image::allocate_clusters(uint64_t min_count, uint64_t max_
       continue;
     }
     for (uint64_t i = 0; i < n; ++i) TRY(set_refcount(c + i, 1));
-    if (free_hint_ == c) free_hint_ = c + n;
+    // Everything between the hint and the first free cluster seen is in use: the next scan starts
+    // there (not at the old hint, which made every allocation rescan the image from its start).
+    if (free_hint_ <= first_free) free_hint_ = first_free == c ? c + n : first_free;
     *got = n;
     return c << cluster_bits_;
   }
