@@ -699,6 +699,12 @@ Result<void> Qcow2Image::relocate_refcount_table() {
     return fail(EFBIG, fmt::format("{}: refcount table would grow too large", path_));
   for (auto& s : rb_cache_.slots)
     if (s.offset && s.dirty) TRY(cache_write_slot(s, false));
+  TRY(install_refcount_table(offset, clusters));
+  TRY(free_now(old_offset, old_clusters * cluster_size_));
+  return ok();
+}
+
+Result<void> Qcow2Image::install_refcount_table(uint64_t offset, uint64_t clusters) {
   std::vector<uint8_t> buf(clusters * cluster_size_, 0);
   for (size_t i = 0; i < rt_.size(); ++i) store_be64(buf.data() + i * 8, rt_[i]);
   TRY(pwrite_meta(buf.data(), buf.size(), offset, "refcount table"));
@@ -711,7 +717,6 @@ Result<void> Qcow2Image::relocate_refcount_table() {
   rt_offset_ = offset;
   rt_clusters_ = static_cast<uint32_t>(clusters);
   rt_dirty_ = false;
-  TRY(free_now(old_offset, old_clusters * cluster_size_));
   return ok();
 }
 

@@ -202,6 +202,8 @@ private:
   Result<void> free_now(uint64_t host_offset, uint64_t bytes);
   Result<void> flush_refcounts();
   Result<void> relocate_refcount_table();
+  // Writes rt_ as the refcount table at `offset` (synced), then points the header at it (synced).
+  Result<void> install_refcount_table(uint64_t offset, uint64_t clusters);
   // Lazy refcounts: sets the dirty bit on disk (synced) before metadata that relies on it.
   Result<void> mark_dirty();
   // Clears the dirty and corrupt bits once the refcounts on disk are whole again.

@@ -548,20 +548,9 @@ Result<void> Qcow2Image::rebuild_refcount_structure(CheckState& st) {
     table_offset = start << cluster_bits_;
   } while (grown);
 
-  std::vector<uint8_t> buf(table_clusters * cluster_size_, 0);
-  for (size_t i = 0; i < table.size(); ++i) store_be64(buf.data() + i * 8, table[i]);
-  TRY(pwrite_meta(buf.data(), buf.size(), table_offset, "refcount table"));
-  TRY(sync_file());
-  uint8_t h[12];
-  store_be64(h, table_offset);
-  store_be32(h + 8, static_cast<uint32_t>(table_clusters));
-  TRY(pwrite_meta(h, sizeof(h), 48, "header"));
-  TRY(sync_file());
   while (!table.empty() && table.back() == 0) table.pop_back();
   rt_ = std::move(table);
-  rt_offset_ = table_offset;
-  rt_clusters_ = static_cast<uint32_t>(table_clusters);
-  rt_dirty_ = false;
+  TRY(install_refcount_table(table_offset, table_clusters));
   free_hint_ = 0;
   return ok();
 }
