@@ -725,7 +725,7 @@ Result<void> Qcow2Image::flush_metadata() {
   wait_for_deferred_writes();
   bool tables_dirty = l1_dirty_;
   for (auto& s : l2_cache_.slots) tables_dirty = tables_dirty || (s.offset && s.dirty);
-  // (Lazy refcounts with no table to write: no dirty bit needed; the blocks are written below.)
+  // (Lazy refcounts with no table to write: no dirty bit needed; the blocks stay cached.)
   if (!lazy_ || tables_dirty) TRY(ensure_refcounts_before_l2());
   bool wrote = false;
   for (auto& s : l2_cache_.slots)

@@ -93,6 +93,13 @@ def main():
         scenario(tmp, "reftable-entry-reserved-bits", big, lambda p: set_reftable_entry(p, 0, 2 * cluster_size | 1),
                  same_repair=False)
 
+        # Other refcount widths and qcow2 v2: the rebuilt blocks are encoded in each width.
+        for opts in ("compat=0.10", "refcount_bits=1", "refcount_bits=4", "refcount_bits=64"):
+            other = os.path.join(tmp, f"orig-{opts.replace('=', '')}.qcow2")
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size=4096,{opts}", other, "32M")
+            run("qemu-io", "-c", "write -P 0x66 0 3M", "-c", "write -P 0x77 20M 256k", other)
+            scenario(tmp, f"reftable-entry-zero-{opts.replace('=', '')}", other, lambda p: set_reftable_entry(p, 0, 0))
+
         # 512-byte clusters: 12 MiB of data needs a two-cluster refcount table; cut it to one.
         small = os.path.join(tmp, "orig512.qcow2")
         run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", small, "64M")
