@@ -354,7 +354,12 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
     auto repaired = check(RepairMode::All);
     if (!repaired)
       return fail(repaired.error().with_context(fmt::format("{}: could not repair dirty image", path_)));
-    for (auto& m : repaired->messages) KEEL_LOG_INFO("{}: {}", path_, m);
+    // The details at info level, at most 50 lines: a daemon's log need not hold one per cluster.
+    constexpr size_t kMaxLogged = 50;
+    for (size_t i = 0; i < repaired->messages.size() && i < kMaxLogged; ++i)
+      KEEL_LOG_INFO("{}: {}", path_, repaired->messages[i]);
+    if (repaired->messages.size() > kMaxLogged)
+      KEEL_LOG_INFO("{}: ... and {} more lines", path_, repaired->messages.size() - kMaxLogged);
     if (repaired->check_errors || !repaired->failure.empty())
       return fail(EIO, fmt::format("{}: could not repair dirty image: {}", path_,
                                    repaired->failure.empty() ? "check errors" : repaired->failure));
