@@ -5,7 +5,7 @@ Each case runs the peer and keel alternately, REPEAT times each, and reports the
 and the ratio peer/keel (above 1: keel is faster). The working directory defaults to /dev/shm so
 the page cache and the disk's writeback do not drown the tools' own cost; pass --dir to change it.
 
-usage: bench.py [--keel PATH] [--size MiB] [--repeat N] [--dir DIR] [--only NAME,...]
+usage: bench.py [--keel PATH] [--size MiB] [--repeat N] [--dir DIR] [--sync-dir DIR] [--only NAME,...]
 """
 import argparse
 import os
@@ -40,6 +40,7 @@ def make_disk(path, size):
 
 
 CPU = {}
+MEDIANS = {}  # case -> (peer wall, keel wall)
 
 
 def timed(cmd, env=None, cpu_key=None):
@@ -64,6 +65,7 @@ def bench_pair(name, peer_cmd, keel_cmd, repeat, setup=None):
                 setup(which)
             out.append(timed(cmd, cpu_key=(name, which)))
     p, k = statistics.median(peer), statistics.median(keel)
+    MEDIANS[name] = (p, k)
     pc, kc = statistics.median(CPU[(name, "peer")]), statistics.median(CPU[(name, "keel")])
     print(f"{name:<34} {p * 1000:9.1f} ms {k * 1000:9.1f} ms   {p / k:5.2f}x   "
           f"cpu {pc * 1000:8.1f} ms {kc * 1000:8.1f} ms   {pc / max(kc, 1e-6):5.2f}x", flush=True)
@@ -127,6 +129,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ap.add_argument("--only", default="")
+    ap.add_argument("--sync-dir", default="/var/tmp", help="a directory on a real disk (flush-bound cases)")
     args = ap.parse_args()
     keel = os.path.abspath(args.keel)
     only = set(filter(None, args.only.split(",")))
@@ -169,6 +172,21 @@ def main():
              ["bench", "-c", "100000", "-d", "16", "-s", "4k", "-S", "1052672", q])
         case("bench 4k write", ["bench", "-w", "-c", "50000", "-d", "16", "-s", "4k", "-S", "1052672", bw],
              ["bench", "-w", "-c", "50000", "-d", "16", "-s", "4k", "-S", "1052672", bw], reset_bench)
+        # Allocating 4k writes with a flush every 16 requests, on a fresh image, with and without
+        # lazy refcounts. Flushes cost real syncs only on a real disk, so these run in --sync-dir.
+        sync_tmp = tempfile.mkdtemp(prefix="keel-img-bench-", dir=args.sync_dir)
+        try:
+            for lazy in ("off", "on"):
+                bl = os.path.join(sync_tmp, "alloc.qcow2")
+                fresh = lambda _which, lazy=lazy, bl=bl: subprocess.run(
+                    ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"lazy_refcounts={lazy}", bl, "4G"], check=True)
+                bargs = ["bench", "-w", "-c", "4000", "-d", "16", "-s", "4k", "-S", "1052672", "--flush-interval=16", bl]
+                case(f"bench alloc write flush/16 lazy={lazy}", bargs, bargs, fresh)
+            off, on = MEDIANS.get("bench alloc write flush/16 lazy=off"), MEDIANS.get("bench alloc write flush/16 lazy=on")
+            if off and on:
+                print(f"{'  lazy refcounts gain (off/on)':<34} qemu {off[0] / on[0]:5.2f}x   keel {off[1] / on[1]:5.2f}x")
+        finally:
+            shutil.rmtree(sync_tmp, ignore_errors=True)
         if not only or any("serve" in o for o in only):
             if shutil.which("qemu-nbd"):
                 for r in bench_serve(keel, tmp, q, args.repeat):

@@ -139,7 +139,10 @@ Result<void> Qcow2Image::close() {
   if (read_only_ || !fd_) return ok();
   std::lock_guard lock(mutex_);
   TRY(flush_metadata());
+  TRY(flush_refcounts());
   TRY(sync_file());
+  // Everything, refcount blocks included, is on disk now: the image is whole again.
+  if (we_set_dirty_) TRY(mark_clean());
   return ok();
 }
 
@@ -284,9 +287,6 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
   if (!read_only_) {
     if ((incompat_ & kIncCorrupt) && !options.for_repair)
       return fail_invalid("{}: the image is marked corrupt; check it with 'keel-img check -r all'", path_);
-    if ((incompat_ & kIncDirty) && !options.for_repair)
-      return fail_invalid("{}: the image is dirty (lazy refcounts were not written back); repair it with "
-                          "'keel-img check -r all' first", path_);
     if (extended_l2_)
       return fail(ENOTSUP, fmt::format("{}: writing images with extended L2 entries is not supported", path_));
   }
@@ -345,6 +345,28 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
     autoclear_ = 0;
     uint8_t z[8] = {};
     TRY(pwrite_meta(z, 8, 88, "header"));
+  }
+
+  lazy_ = !read_only_ && version_ == 3 && (compat_ & 1);
+  if (!read_only_ && (incompat_ & kIncDirty) && !options.for_repair) {
+    // Not closed cleanly: its refcounts may lag behind its L2 tables. Repair before any write, as
+    // QEMU does (a check that fixes everything, rebuilding the refcount structure if it must).
+    auto repaired = check(RepairMode::All);
+    if (!repaired)
+      return fail(repaired.error().with_context(fmt::format("{}: could not repair dirty image", path_)));
+    // The details at info level, at most 50 lines: a daemon's log need not hold one per cluster.
+    constexpr size_t kMaxLogged = 50;
+    for (size_t i = 0; i < repaired->messages.size() && i < kMaxLogged; ++i)
+      KEEL_LOG_INFO("{}: {}", path_, repaired->messages[i]);
+    if (repaired->messages.size() > kMaxLogged)
+      KEEL_LOG_INFO("{}: ... and {} more lines", path_, repaired->messages.size() - kMaxLogged);
+    if (repaired->check_errors || !repaired->failure.empty())
+      return fail(EIO, fmt::format("{}: could not repair dirty image: {}", path_,
+                                   repaired->failure.empty() ? "check errors" : repaired->failure));
+    KEEL_LOG_WARN("{}: image was not closed cleanly (dirty bit set); repaired {} leaked clusters and {} "
+                  "corruptions{}", path_, repaired->leaks_fixed, repaired->corruptions_fixed,
+                  repaired->corruptions ? fmt::format(", {} corruptions remain", repaired->corruptions) : "");
+    open_repair_ = std::move(*repaired);
   }
 
   if (!backing_file_.empty() && options.open_backing) {
@@ -451,6 +473,8 @@ Result<void> Qcow2Image::ensure_refcounts_before_l2() {
   bool any = rt_dirty_;
   for (auto& s : rb_cache_.slots) any = any || s.dirty;
   if (!any) return ok();
+  // Lazy refcounts: the blocks stay cached; the dirty bit tells a later open to rebuild them.
+  if (lazy_) return mark_dirty();
   TRY(flush_refcounts());
   TRY(sync_file());
   return ok();
@@ -587,6 +611,7 @@ Result<void> Qcow2Image::add_refcount(uint64_t cluster, int64_t delta) {
 
 Result<uint64_t> Qcow2Image::allocate_clusters(uint64_t min_count, uint64_t max_count, uint64_t* got) {
   uint64_t c = free_hint_;
+  uint64_t first_free = UINT64_MAX;  // first free cluster this scan saw (maybe in a run too short)
   while (true) {
     // Ranges without a refcount block get one first (in their own first cluster).
     uint64_t range = c / refblock_entries_;
@@ -595,6 +620,7 @@ Result<uint64_t> Qcow2Image::allocate_clusters(uint64_t min_count, uint64_t max_
       ++c;
       continue;
     }
+    first_free = std::min(first_free, c);
     uint64_t n = 1;
     bool broke = false;
     while (n < max_count) {
@@ -618,7 +644,9 @@ Result<uint64_t> Qcow2Image::allocate_clusters(uint64_t min_count, uint64_t max_
       continue;
     }
     for (uint64_t i = 0; i < n; ++i) TRY(set_refcount(c + i, 1));
-    if (free_hint_ == c) free_hint_ = c + n;
+    // Everything between the hint and the first free cluster seen is in use: the next scan starts
+    // there (not at the old hint, which made every allocation rescan the image from its start).
+    if (free_hint_ <= first_free) free_hint_ = first_free == c ? c + n : first_free;
     *got = n;
     return c << cluster_bits_;
   }
@@ -676,6 +704,12 @@ Result<void> Qcow2Image::relocate_refcount_table() {
     return fail(EFBIG, fmt::format("{}: refcount table would grow too large", path_));
   for (auto& s : rb_cache_.slots)
     if (s.offset && s.dirty) TRY(cache_write_slot(s, false));
+  TRY(install_refcount_table(offset, clusters));
+  TRY(free_now(old_offset, old_clusters * cluster_size_));
+  return ok();
+}
+
+Result<void> Qcow2Image::install_refcount_table(uint64_t offset, uint64_t clusters) {
   std::vector<uint8_t> buf(clusters * cluster_size_, 0);
   for (size_t i = 0; i < rt_.size(); ++i) store_be64(buf.data() + i * 8, rt_[i]);
   TRY(pwrite_meta(buf.data(), buf.size(), offset, "refcount table"));
@@ -688,14 +722,16 @@ Result<void> Qcow2Image::relocate_refcount_table() {
   rt_offset_ = offset;
   rt_clusters_ = static_cast<uint32_t>(clusters);
   rt_dirty_ = false;
-  TRY(free_now(old_offset, old_clusters * cluster_size_));
   return ok();
 }
 
 Result<void> Qcow2Image::flush_metadata() {
   if (read_only_) return ok();
   wait_for_deferred_writes();
-  TRY(ensure_refcounts_before_l2());
+  bool tables_dirty = l1_dirty_;
+  for (auto& s : l2_cache_.slots) tables_dirty = tables_dirty || (s.offset && s.dirty);
+  // (Lazy refcounts with no table to write: no dirty bit needed; the blocks stay cached.)
+  if (!lazy_ || tables_dirty) TRY(ensure_refcounts_before_l2());
   bool wrote = false;
   for (auto& s : l2_cache_.slots)
     if (s.offset && s.dirty) {
@@ -712,8 +748,32 @@ Result<void> Qcow2Image::flush_metadata() {
     auto frees = std::move(pending_frees_);
     pending_frees_.clear();
     for (auto& [off, bytes] : frees) TRY(free_now(off, bytes));
-    TRY(flush_refcounts());
+    // Lazy refcounts: as QEMU's flush of a dirty image, the blocks stay cached until close.
+    if (!lazy_) TRY(flush_refcounts());
   }
+  return ok();
+}
+
+Result<void> Qcow2Image::mark_dirty() {
+  if (incompat_ & kIncDirty) return ok();
+  uint8_t b[8];
+  store_be64(b, incompat_ | kIncDirty);
+  TRY(pwrite_meta(b, sizeof(b), 72, "header"));
+  // The bit must be on disk before any L2 entry whose cluster the refcounts do not count yet.
+  TRY(sync_file());
+  incompat_ |= kIncDirty;
+  we_set_dirty_ = true;
+  return ok();
+}
+
+Result<void> Qcow2Image::mark_clean() {
+  if (version_ < 3 || !(incompat_ & (kIncDirty | kIncCorrupt))) return ok();
+  uint8_t b[8];
+  store_be64(b, incompat_ & ~(kIncDirty | kIncCorrupt));
+  TRY(pwrite_meta(b, sizeof(b), 72, "header"));
+  TRY(sync_file());
+  incompat_ &= ~(kIncDirty | kIncCorrupt);
+  we_set_dirty_ = false;
   return ok();
 }
 

@@ -9,6 +9,11 @@
 // entries that use them, and references are removed before the refcounts that counted them are
 // decremented. At worst a crash leaks clusters, which `check -r leaks` gives back.
 //
+// Lazy refcounts (compatible feature bit 0): refcount blocks are not written ahead of the L2 tables
+// that use their clusters. Instead the dirty bit (incompatible bit 0) is set before the first such
+// L2 write, a clean close writes the refcount blocks back and clears it, and a read-write open of a
+// dirty image first runs check(RepairMode::All), which rebuilds what a crash left behind (as QEMU).
+//
 // Thread safety: one mutex guards the metadata; data reads and in-place data writes run outside it.
 #pragma once
 
@@ -45,7 +50,8 @@ struct Qcow2CreateOptions {
 
 struct Qcow2OpenOptions {
   bool open_backing = true;
-  // Opens images whose corrupt bit is set, or that are dirty, for repair.
+  // Opens images whose corrupt bit is set, or that are dirty, for repair (no automatic repair of
+  // a dirty image on a read-write open: the caller runs check() itself).
   bool for_repair = false;
 };
 
@@ -75,6 +81,8 @@ struct CheckResult {
   uint64_t compressed_clusters = 0;
   uint64_t image_end_offset = 0;
   std::vector<std::string> messages;  // one line each, as qemu-img prints them
+  // Set when a repair could not go on (qemu-img: "Check failed: ..."); the counts are partial.
+  std::string failure;
 };
 
 enum class RepairMode { None, Leaks, All };
@@ -132,6 +140,8 @@ public:
   int refcount_bits() const { return 1 << refcount_order_; }
   Qcow2Compression compression() const { return compression_; }
   bool lazy_refcounts() const { return compat_ & 1; }
+  // What the automatic repair of a dirty image at open found and fixed (empty when there was none).
+  const std::optional<CheckResult>& open_repair() const { return open_repair_; }
   bool extended_l2() const { return extended_l2_; }
   bool corrupt() const { return incompat_ & 2; }
   bool dirty() const { return incompat_ & 1; }
@@ -192,6 +202,12 @@ private:
   Result<void> free_now(uint64_t host_offset, uint64_t bytes);
   Result<void> flush_refcounts();
   Result<void> relocate_refcount_table();
+  // Writes rt_ as the refcount table at `offset` (synced), then points the header at it (synced).
+  Result<void> install_refcount_table(uint64_t offset, uint64_t clusters);
+  // Lazy refcounts: sets the dirty bit on disk (synced) before metadata that relies on it.
+  Result<void> mark_dirty();
+  // Clears the dirty and corrupt bits once the refcounts on disk are whole again.
+  Result<void> mark_clean();
   Result<void> flush_metadata();
   Result<void> sync_file();
 
@@ -213,6 +229,15 @@ private:
   Result<void> write_header();
   Result<void> write_l1();
   Result<void> write_snapshot_table(std::vector<Qcow2Snapshot> snapshots);
+  // check() helpers (qcow2_maintenance.cc): the in-memory refcount table ("imrt") rebuilt from
+  // the metadata, the refcounts stored on disk read the way qemu-img reads them, and a rebuild of
+  // the whole refcount structure from the imrt.
+  struct CheckState;
+  Result<void> check_count_references(CheckState& st, CheckResult& res);
+  Result<void> check_compare(CheckState& st, CheckResult& res, RepairMode fix);
+  Result<void> check_copied_flags(CheckResult& res, RepairMode fix);
+  Result<uint64_t> stored_refcount(uint64_t cluster, uint64_t file_size);
+  Result<void> rebuild_refcount_structure(CheckState& st);
   Result<void> update_tree_refcounts(uint64_t l1_offset, uint32_t l1_size, int64_t delta,
                                      bool fix_copied_active);
   Result<void> preallocate(Preallocation mode);
@@ -283,6 +308,9 @@ private:
   std::condition_variable inflight_cv_;
   bool closed_ = false;
   bool unsafe_cache_ = false;
+  bool lazy_ = false;  // lazy refcounts in effect (v3, the compatible bit, opened read-write)
+  bool we_set_dirty_ = false;  // this session set the dirty bit: a clean close clears it
+  std::optional<CheckResult> open_repair_;
 
   std::vector<Qcow2Snapshot> snapshots_;
   std::unique_ptr<BlockDevice> backing_;

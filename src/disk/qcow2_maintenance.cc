@@ -20,6 +20,7 @@ constexpr uint64_t kOflagCompressed = 1ULL << 62;
 constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kRtOffsetMask = 0xfffffffffffffe00ULL;
+constexpr uint64_t kMaxRefTableBytes = 8ULL << 20;  // QCOW_MAX_REFTABLE_SIZE
 
 std::string hex(uint64_t v) { return fmt::format("{:#x}", v); }
 
@@ -201,66 +202,136 @@ Result<void> Qcow2Image::preallocate(Preallocation mode) {
 
 // ---------------------------------------------------------------------------------------------
 // Check and repair
+//
+// As qemu-img's: count every reference from the metadata into an in-memory refcount table (imrt),
+// compare it with the refcounts on disk, fix in place where the structure is sound, and rebuild the
+// whole refcount structure from the imrt when it is not (a referenced cluster with refcount 0, a
+// refcount block that is missing, misplaced or shared). Messages, counts and exit codes follow
+// qemu-img 7.2, so both tools report the same damage the same way.
 
-Result<CheckResult> Qcow2Image::check(RepairMode repair) {
-  std::lock_guard lock(mutex_);
-  if (!read_only_) TRY(flush_metadata());
-  CheckResult res;
-  uint64_t fsize = file_size();
-  uint64_t nb = (fsize + cluster_size_ - 1) / cluster_size_;
-  std::vector<uint32_t> refs(nb, 0);
+struct Qcow2Image::CheckState {
+  std::vector<uint32_t> refs;  // imrt: references counted per host cluster
+  uint64_t file_size = 0;
+  uint64_t refcount_max = 0;
+  bool rebuild = false;
+  uint64_t highest = 0;  // last cluster in use, by either count
+};
+
+namespace {
+
+constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffULL;
+constexpr uint64_t kL2StdReservedMask = 0x3f000000000001feULL;
+constexpr uint64_t kRtReservedMask = 0x1ffULL;
+constexpr uint64_t kOflagZero = 1ULL;
+
+// One refcount block's bytes from imrt entries [first, first + entries).
+void encode_refblock(uint8_t* block, size_t block_bytes, const std::vector<uint32_t>& refs, uint64_t first,
+                     uint64_t entries, uint32_t refcount_order, uint64_t refcount_max) {
+  std::memset(block, 0, block_bytes);
+  for (uint64_t i = 0; i < entries && first + i < refs.size(); ++i) {
+    uint64_t v = std::min<uint64_t>(refs[first + i], refcount_max);
+    if (!v) continue;
+    switch (refcount_order) {
+      case 0: case 1: case 2: {
+        uint64_t bit = i << refcount_order;
+        block[bit / 8] = static_cast<uint8_t>(block[bit / 8] | (v << (bit % 8)));
+        break;
+      }
+      case 3: block[i] = static_cast<uint8_t>(v); break;
+      case 4: store_be16(block + i * 2, static_cast<uint16_t>(v)); break;
+      case 5: store_be32(block + i * 4, static_cast<uint32_t>(v)); break;
+      default: store_be64(block + i * 8, v); break;
+    }
+  }
+}
+
+// First fit of `count` free clusters in the imrt from *first_free on (growing it at the end), marked
+// used. *first_free moves to the first gap seen, as qemu's alloc_clusters_imrt does.
+uint64_t allocate_in_imrt(std::vector<uint32_t>& refs, uint64_t count, uint64_t* first_free) {
+  uint64_t c = *first_free;
+  uint64_t run = 0;
+  bool first_gap = true;
+  for (; c < refs.size() && run < count; ++c) {
+    if (refs[c] == 0) {
+      ++run;
+      if (first_gap) {
+        *first_free = c;
+        first_gap = false;
+      }
+    } else {
+      run = 0;
+    }
+  }
+  uint64_t start = c - run;
+  if (refs.size() < start + count) refs.resize(start + count, 0);
+  for (uint64_t i = 0; i < count; ++i) refs[start + i] = 1;
+  return start;
+}
+
+}  // namespace
+
+Result<uint64_t> Qcow2Image::stored_refcount(uint64_t cluster, uint64_t fsize) {
+  uint64_t range = cluster / refblock_entries_;
+  if (range >= rt_.size()) return uint64_t{0};
+  uint64_t off = rt_[range] & kRtOffsetMask;
+  if (!off) return uint64_t{0};
+  if (off % cluster_size_) return fail(EIO, fmt::format("refblock offset {} unaligned (reftable index: {:#x})", hex(off), range));
+  // A block past the end of the file reads as zeros (qemu's block layer pads reads there).
+  if (off >= fsize || cluster_size_ > fsize - off) return uint64_t{0};
+  return get_refcount(cluster);
+}
+
+Result<void> Qcow2Image::check_count_references(CheckState& st, CheckResult& res) {
   auto inc = [&](uint64_t off, uint64_t bytes, const char* what) {
     if (bytes == 0) return;
     uint64_t first = off >> cluster_bits_;
     uint64_t last = (off + bytes - 1) >> cluster_bits_;
     for (uint64_t c = first; c <= last; ++c) {
-      if (c >= nb) {
+      if (c >= st.refs.size()) {
         res.messages.push_back(fmt::format("ERROR: {} at offset {} is beyond the end of the image file", what, hex(off)));
         ++res.corruptions;
         return;
       }
-      if (refs[c] < UINT32_MAX) ++refs[c];
+      if (st.refs[c] >= st.refcount_max) {
+        res.messages.push_back(fmt::format("ERROR: overflow cluster offset={:#x}", c << cluster_bits_));
+        ++res.corruptions;
+        continue;
+      }
+      ++st.refs[c];
     }
   };
   inc(0, cluster_size_, "header");
-  uint64_t prev_host = 0;
   auto walk_l1 = [&](const std::vector<uint64_t>& l1, bool active) -> Result<void> {
     for (size_t i = 0; i < l1.size(); ++i) {
+      if (!l1[i]) continue;
+      if (l1[i] & kL1ReservedMask) {
+        res.messages.push_back(fmt::format("ERROR found L1 entry with reserved bits set: {:x}", l1[i]));
+        ++res.corruptions;
+      }
       uint64_t l2_off = l1[i] & kL1OffsetMask;
       if (!l2_off) continue;
-      if (l2_off % cluster_size_) {
-        res.messages.push_back(fmt::format("ERROR l2_offset={}: Table is not cluster aligned; L1 entry corrupted", hex(l2_off)));
-        ++res.corruptions;
-        continue;
-      }
-      if (l2_off >= fsize) {
-        res.messages.push_back(fmt::format("ERROR: L2 table {} (L1 index {}) is beyond the end of the file", hex(l2_off), i));
-        ++res.corruptions;
-        continue;
-      }
       inc(l2_off, cluster_size_, "L2 table");
-      if (active) {
-        uint64_t rc = TRY(get_refcount(l2_off >> cluster_bits_));
-        if ((rc == 1) != ((l1[i] & kOflagCopied) != 0)) {
-          res.messages.push_back(fmt::format("ERROR OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}", i, l1[i], rc));
-          ++res.corruptions;
-        }
+      if (l2_off % cluster_size_) {
+        res.messages.push_back(fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_off));
+        ++res.corruptions;
+        continue;
       }
+      if (l2_off >= st.file_size || cluster_size_ > st.file_size - l2_off) continue;  // counted by inc
       uint8_t* table = TRY(cache_get(l2_cache_, l2_off, true, true));
-      // The cache may evict this table while we look up refcounts: copy it.
+      // Refcount lookups below do not touch the L2 cache, but keep a copy all the same: cheap.
       std::vector<uint8_t> copy(table, table + cluster_size_);
       uint64_t entries = 1ULL << l2_bits_;
-      prev_host = 0;  // contiguity counts within one L2 table
+      uint64_t next_contiguous = 0;  // fragmentation counts within one L2 table, as qemu's
       for (uint64_t j = 0; j < entries; ++j) {
         uint64_t e = load_be64(copy.data() + j * l2_entry_size_);
-        uint64_t voff = ((i << l2_bits_) + j) << cluster_bits_;
         if (e & kOflagCompressed) {
-          uint64_t h, b;
-          compressed_range(e & ~(kOflagCompressed | kOflagCopied), &h, &b);
-          if (active && (e & kOflagCopied)) {
-            res.messages.push_back(fmt::format("ERROR: compressed cluster {} has the copied flag set", hex(voff)));
+          if (e & kOflagCopied) {
+            res.messages.push_back(fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                                               e & coffset_mask_));
             ++res.corruptions;
           }
+          uint64_t h, b;
+          compressed_range(e & ~(kOflagCompressed | kOflagCopied), &h, &b);
           inc(h, b, "compressed cluster");
           if (active) {
             // As qemu counts them: compressed clusters are fragmented by nature.
@@ -270,97 +341,294 @@ Result<CheckResult> Qcow2Image::check(RepairMode repair) {
           }
           continue;
         }
+        if (e & kL2StdReservedMask) {
+          res.messages.push_back(fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
+          ++res.corruptions;
+        }
         uint64_t host = e & kL2OffsetMask;
         if (!host) continue;
         if (host % cluster_size_) {
-          res.messages.push_back(fmt::format("ERROR offset={}: Cluster is not properly aligned; L2 entry corrupted", hex(host)));
           ++res.corruptions;
-          continue;
+          res.messages.push_back(fmt::format("ERROR offset={:x}: {} cluster is not properly aligned; L2 entry corrupted.",
+                                             host, (e & kOflagZero) ? "Preallocated" : "Data"));
         }
-        inc(host, cluster_size_, "data cluster");
         if (active) {
           ++res.allocated_clusters;
-          if (prev_host && host != prev_host + cluster_size_) ++res.fragmented_clusters;
-          prev_host = host;
-          if (host < fsize) {
-            uint64_t rc = TRY(get_refcount(host >> cluster_bits_));
-            if ((rc == 1) != ((e & kOflagCopied) != 0)) {
-              res.messages.push_back(fmt::format("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", e, rc));
-              ++res.corruptions;
-            }
-          }
+          if (next_contiguous && host != next_contiguous) ++res.fragmented_clusters;
+          next_contiguous = host + cluster_size_;
         }
+        inc(host, cluster_size_, "data cluster");
       }
     }
     return ok();
   };
   inc(l1_offset_, uint64_t{l1_size_} * 8, "L1 table");
   TRY(walk_l1(l1_, true));
-  if (nb_snapshots_) {
-    inc(snapshots_offset_, snapshot_table_bytes_, "snapshot table");
-    for (auto& s : snapshots_) {
-      inc(s.l1_offset, uint64_t{s.l1_size} * 8, "snapshot L1 table");
-      std::vector<uint64_t> l1(s.l1_size);
-      std::vector<uint8_t> buf(l1.size() * 8);
-      if (!buf.empty()) TRY(pread_meta(buf.data(), buf.size(), s.l1_offset, "snapshot L1 table"));
-      for (size_t i = 0; i < l1.size(); ++i) l1[i] = load_be64(buf.data() + i * 8);
-      TRY(walk_l1(l1, false));
-    }
-  }
-  inc(rt_offset_, uint64_t{rt_clusters_} * cluster_size_, "refcount table");
-  for (size_t i = 0; i < rt_.size(); ++i) {
-    uint64_t off = rt_[i] & kRtOffsetMask;
-    if (!off) continue;
-    if (off % cluster_size_ || off >= fsize) {
-      res.messages.push_back(fmt::format("ERROR refcount block {} is not cluster aligned or beyond the end of the file", i));
+  for (auto& s : snapshots_) {
+    if (s.l1_offset % cluster_size_) {
+      res.messages.push_back(fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; "
+                                         "snapshot table entry corrupted", s.id, s.name, s.l1_offset));
       ++res.corruptions;
       continue;
     }
-    inc(off, cluster_size_, "refcount block");
+    inc(s.l1_offset, uint64_t{s.l1_size} * 8, "snapshot L1 table");
+    uint64_t bytes = uint64_t{s.l1_size} * 8;
+    if (s.l1_offset > st.file_size || bytes > st.file_size - s.l1_offset) continue;  // counted by inc
+    std::vector<uint64_t> l1(s.l1_size);
+    std::vector<uint8_t> buf(bytes);
+    if (!buf.empty()) TRY(pread_meta(buf.data(), buf.size(), s.l1_offset, "snapshot L1 table"));
+    for (size_t i = 0; i < l1.size(); ++i) l1[i] = load_be64(buf.data() + i * 8);
+    TRY(walk_l1(l1, false));
   }
-  // Compare what the refcounts say with what we counted.
-  uint64_t highest = 0;
-  std::vector<std::pair<uint64_t, uint64_t>> leaks, under;
-  for (uint64_t c = 0; c < nb; ++c) {
-    uint64_t rc = TRY(get_refcount(c));
-    if (rc > 0 || refs[c] > 0) highest = c;
-    if (rc > refs[c]) {
-      res.messages.push_back(fmt::format("Leaked cluster {} refcount={} reference={}", c, rc, refs[c]));
-      ++res.leaks;
-      leaks.push_back({c, refs[c]});
-    } else if (rc < refs[c]) {
-      res.messages.push_back(fmt::format("ERROR cluster {} refcount={} reference={}", c, rc, refs[c]));
+  if (nb_snapshots_) inc(snapshots_offset_, snapshot_table_bytes_, "snapshot table");
+  inc(rt_offset_, uint64_t{rt_clusters_} * cluster_size_, "refcount table");
+  for (size_t i = 0; i < rt_.size(); ++i) {
+    if (rt_[i] & kRtReservedMask) {
+      res.messages.push_back(fmt::format("ERROR refcount table entry {} has reserved bits set", i));
       ++res.corruptions;
-      under.push_back({c, refs[c]});
+      st.rebuild = true;
+      continue;
+    }
+    uint64_t off = rt_[i] & kRtOffsetMask;
+    if (off % cluster_size_) {
+      res.messages.push_back(fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry corrupted", i));
+      ++res.corruptions;
+      st.rebuild = true;
+      continue;
+    }
+    uint64_t cluster = off >> cluster_bits_;
+    if (off && cluster >= st.refs.size()) {
+      // (qemu grows the file to cover the block and then rebuilds; rebuilding alone does as well.)
+      res.messages.push_back(fmt::format("ERROR refcount block {} is outside image", i));
+      ++res.corruptions;
+      st.rebuild = true;
+      continue;
+    }
+    if (!off) continue;
+    inc(off, cluster_size_, "refcount block");
+    if (st.refs[cluster] != 1) {
+      res.messages.push_back(fmt::format("ERROR refcount block {} refcount={}", i, st.refs[cluster]));
+      ++res.corruptions;
+      st.rebuild = true;
     }
   }
-  res.image_end_offset = (highest + 1) * cluster_size_;
-  res.total_clusters = (size_ + cluster_size_ - 1) / cluster_size_;
+  return ok();
+}
 
-  if (repair != RepairMode::None && !read_only_) {
-    for (auto& [c, want] : leaks) TRY(set_refcount(c, want));
-    res.leaks_fixed = leaks.size();
-    if (repair == RepairMode::All) {
-      for (auto& [c, want] : under) {
-        uint64_t range = c / refblock_entries_;
-        if ((range >= rt_.size() || rt_[range] == 0) && refs[range * refblock_entries_] > 0) {
-          res.messages.push_back(fmt::format("cannot repair cluster {}: its refcount block is missing", c));
-          continue;
-        }
-        TRY(set_refcount(c, want));
+Result<void> Qcow2Image::check_compare(CheckState& st, CheckResult& res, RepairMode fix) {
+  st.highest = 0;
+  for (uint64_t c = 0; c < st.refs.size(); ++c) {
+    auto stored = stored_refcount(c, st.file_size);
+    if (!stored) {
+      res.messages.push_back(fmt::format("Can't get refcount for cluster {}: {}", c, std::strerror(EIO)));
+      ++res.check_errors;
+      continue;
+    }
+    uint64_t on_disk = *stored;
+    uint64_t counted = st.refs[c];
+    if (on_disk || counted) st.highest = c;
+    if (on_disk == counted) continue;
+    uint64_t* fixed = nullptr;
+    if (on_disk == 0) st.rebuild = true;  // the structure itself may be missing: rebuild, never patch
+    else if (on_disk > counted && fix != RepairMode::None) fixed = &res.leaks_fixed;
+    else if (on_disk < counted && fix == RepairMode::All) fixed = &res.corruptions_fixed;
+    res.messages.push_back(fmt::format("{} cluster {} refcount={} reference={}",
+                                       fixed ? "Repairing" : on_disk < counted ? "ERROR" : "Leaked", c, on_disk, counted));
+    if (fixed && set_refcount(c, counted)) {
+      ++*fixed;
+      continue;
+    }
+    if (on_disk < counted) ++res.corruptions;
+    else ++res.leaks;
+  }
+  return ok();
+}
+
+Result<void> Qcow2Image::check_copied_flags(CheckResult& res, RepairMode fix) {
+  bool repair = fix == RepairMode::All ||
+                (fix == RepairMode::Leaks && !res.check_errors && !res.corruptions && !res.leaks);
+  uint64_t fsize = file_size();
+  for (size_t i = 0; i < l1_.size(); ++i) {
+    uint64_t l2_off = l1_[i] & kL1OffsetMask;
+    if (!l2_off) continue;
+    auto rc = stored_refcount(l2_off >> cluster_bits_, fsize);
+    if (!rc) continue;  // already reported by the comparison
+    if ((*rc == 1) != ((l1_[i] & kOflagCopied) != 0)) {
+      ++res.corruptions;
+      res.messages.push_back(fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
+                                         repair ? "Repairing" : "ERROR", i, l1_[i], *rc));
+      if (repair) {
+        l1_[i] = *rc == 1 ? l1_[i] | kOflagCopied : l1_[i] & ~kOflagCopied;
+        l1_dirty_ = true;
+        --res.corruptions;
         ++res.corruptions_fixed;
       }
     }
-    TRY(flush_refcounts());
-    if (repair == RepairMode::All && (incompat_ & 1) && res.corruptions_fixed == under.size()) {
-      incompat_ &= ~1ULL;
-      uint8_t b[8];
-      store_be64(b, incompat_);
-      TRY(pwrite_meta(b, 8, 72, "header"));
+    if (l2_off % cluster_size_ || l2_off >= fsize || cluster_size_ > fsize - l2_off) continue;
+    uint8_t* table = TRY(cache_get(l2_cache_, l2_off, true, true));
+    uint64_t fixed_here = 0;
+    for (uint64_t j = 0; j < (1ULL << l2_bits_); ++j) {
+      uint64_t e = l2_entry(table, j);
+      uint64_t host = e & kL2OffsetMask;
+      if ((e & kOflagCompressed) || !host) continue;
+      auto drc = stored_refcount(host >> cluster_bits_, fsize);
+      if (!drc) continue;
+      if ((*drc == 1) == ((e & kOflagCopied) != 0)) continue;
+      ++res.corruptions;
+      res.messages.push_back(fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                                         repair ? "Repairing" : "ERROR", e, *drc));
+      if (repair) {
+        set_l2_entry(table, j, *drc == 1 ? e | kOflagCopied : e & ~kOflagCopied);
+        ++fixed_here;
+      }
     }
+    if (fixed_here) {
+      l2_cache_.slots[l2_cache_.index[l2_off]].dirty = true;
+      res.corruptions -= fixed_here;
+      res.corruptions_fixed += fixed_here;
+    }
+  }
+  return ok();
+}
+
+Result<void> Qcow2Image::rebuild_refcount_structure(CheckState& st) {
+  // The old blocks are forgotten, not written: the new structure replaces them wholly.
+  for (auto& slot : rb_cache_.slots) {
+    slot.offset = 0;
+    slot.dirty = false;
+  }
+  rb_cache_.index.clear();
+  compressed_next_ = compressed_end_ = 0;
+
+  // Each refcount block is a slice of the imrt; blocks and the table are allocated in the imrt
+  // itself (the old structure stays counted there, so nothing live is overwritten), and every
+  // block is written after the allocations it describes. Allocating the table can need a longer
+  // table, hence the loop; what earlier rounds allocated is leaked and given back afterwards.
+  std::vector<uint64_t> table;
+  std::vector<uint8_t> block(cluster_size_);
+  auto write_blocks = [&](uint64_t first, uint64_t end, bool* grown) -> Result<void> {
+    uint64_t first_free = 0;
+    for (uint64_t c = first; c < end && c < st.refs.size(); ++c) {
+      if (!st.refs[c]) continue;
+      uint64_t index = c / refblock_entries_;
+      uint64_t start = index * refblock_entries_;
+      uint64_t off;
+      if (index < table.size() && table[index]) {
+        off = table[index];
+      } else {
+        first_free = std::max(first_free, start);  // never inside a block already written
+        uint64_t block_cluster = allocate_in_imrt(st.refs, 1, &first_free);
+        end = std::max(end, block_cluster + 1);  // the block that counts this block is written too
+        if (table.size() <= index) {
+          uint64_t per_cluster = cluster_size_ / 8;
+          table.resize((index / per_cluster + 1) * per_cluster, 0);
+          *grown = true;
+        }
+        off = block_cluster << cluster_bits_;
+        table[index] = off;
+      }
+      encode_refblock(block.data(), block.size(), st.refs, start, refblock_entries_, refcount_order_, st.refcount_max);
+      TRY(pwrite_meta(block.data(), block.size(), off, "refcount block"));
+      c = start + refblock_entries_ - 1;
+    }
+    return ok();
+  };
+  bool grown = false;
+  TRY(write_blocks(0, st.refs.size(), &grown));
+  uint64_t table_offset = 0;
+  uint64_t table_clusters = 0;
+  do {
+    table_clusters = (table.size() * 8 + cluster_size_ - 1) / cluster_size_;
+    if (table_clusters * cluster_size_ > kMaxRefTableBytes)
+      return fail(EFBIG, fmt::format("{}: rebuilt refcount table would need {} clusters", path_, table_clusters));
+    uint64_t first_free = 0;
+    uint64_t start = allocate_in_imrt(st.refs, table_clusters, &first_free);
+    grown = false;
+    TRY(write_blocks(start, start + table_clusters, &grown));
+    table_offset = start << cluster_bits_;
+  } while (grown);
+
+  while (!table.empty() && table.back() == 0) table.pop_back();
+  rt_ = std::move(table);
+  TRY(install_refcount_table(table_offset, table_clusters));
+  free_hint_ = 0;
+  return ok();
+}
+
+Result<CheckResult> Qcow2Image::check(RepairMode repair) {
+  std::lock_guard lock(mutex_);
+  RepairMode fix = read_only_ ? RepairMode::None : repair;
+  if (!read_only_) {
+    TRY(flush_metadata());
+    TRY(flush_refcounts());
+  }
+  CheckResult res;
+  CheckState st;
+  st.file_size = file_size();
+  st.refs.assign((st.file_size + cluster_size_ - 1) / cluster_size_, 0);
+  st.refcount_max = refcount_order_ >= 5 ? UINT32_MAX : (1ULL << (1U << refcount_order_)) - 1;
+  res.total_clusters = (size_ + cluster_size_ - 1) / cluster_size_;
+
+  TRY(check_count_references(st, res));
+  CheckResult before_compare = res;
+  TRY(check_compare(st, res, RepairMode::None));
+
+  if (st.rebuild && fix == RepairMode::All) {
+    res.messages.push_back("Rebuilding refcount structure");
+    CheckResult old = res;
+    auto rebuilt = rebuild_refcount_structure(st);
+    if (!rebuilt) {
+      res.messages.push_back(fmt::format("ERROR rebuilding the refcount structure: {}", rebuilt.error().message()));
+      ++res.check_errors;
+      res.failure = rebuilt.error().message();
+      return res;
+    }
+    // The references are counted again against the new structure; what the old one occupied is
+    // leaked now and given back (those leaks are the rebuild's own, not the image's).
+    CheckResult frag = res;
+    res.corruptions = res.leaks = 0;
+    st.rebuild = false;
+    st.file_size = file_size();
+    st.refs.assign(std::max<uint64_t>(st.refs.size(), (st.file_size + cluster_size_ - 1) / cluster_size_), 0);
+    TRY(check_count_references(st, res));
+    res.allocated_clusters = frag.allocated_clusters;
+    res.fragmented_clusters = frag.fragmented_clusters;
+    res.compressed_clusters = frag.compressed_clusters;
+    CheckResult saved = res;
+    res = CheckResult{};
+    res.messages = std::move(saved.messages);
+    TRY(check_compare(st, res, RepairMode::Leaks));
+    if (st.rebuild) res.messages.push_back("ERROR rebuilt refcount structure is still broken");
+    uint64_t fresh_leaks = res.leaks;
+    saved.messages = std::move(res.messages);
+    res = std::move(saved);
+    if (res.corruptions < old.corruptions) res.corruptions_fixed += old.corruptions - res.corruptions;
+    if (res.leaks < old.leaks) res.leaks_fixed += old.leaks - res.leaks;
+    res.leaks += fresh_leaks;
+  } else if (fix != RepairMode::None) {
+    if (st.rebuild) {
+      res.messages.push_back("ERROR need to rebuild refcount structures");
+      ++res.check_errors;
+      res.failure = std::strerror(EIO);
+      return res;
+    }
+    if (res.leaks || res.corruptions) {
+      auto messages = std::move(res.messages);
+      res = before_compare;
+      res.messages = std::move(messages);
+      TRY(check_compare(st, res, fix));
+    }
+  }
+
+  TRY(check_copied_flags(res, fix));
+  res.image_end_offset = (st.highest + 1) * cluster_size_;
+
+  if (fix != RepairMode::None) {
+    TRY(flush_refcounts());
+    TRY(flush_metadata());
     TRY(sync_file());
-    res.leaks -= std::min(res.leaks, res.leaks_fixed);
-    res.corruptions -= std::min(res.corruptions, res.corruptions_fixed);
+    free_hint_ = 0;
+    if (!res.check_errors && !res.corruptions) TRY(mark_clean());
   }
   return res;
 }

@@ -1,5 +1,6 @@
 // Fuzzes the image parsers: the bytes become a file that open_image probes and opens read-only
-// (qcow2, vmdk or raw), then reads, block status and (for qcow2) a full check run over it.
+// (qcow2, vmdk or raw), then reads, block status and (for qcow2) a full check run over it, and a
+// read-write open (which repairs dirty images) plus check -r all on a private copy.
 // Anything may fail with an error; nothing may crash, hang or read out of bounds.
 #include <sys/mman.h>
 #include <unistd.h>
@@ -43,6 +44,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   (void)dev->read(0, std::span<uint8_t>(buf.data(), n));
   if (dev->size() > n) (void)dev->read(dev->size() - n, std::span<uint8_t>(buf.data(), n));
   (void)dev->block_status(0, std::min<uint64_t>(dev->size(), 64 << 20));
-  if (auto* q = dynamic_cast<Qcow2Image*>(dev.get()); q && size < (16 << 10)) (void)q->check(RepairMode::None);
+  if (auto* q = dynamic_cast<Qcow2Image*>(dev.get()); q && size < (16 << 10)) {
+    (void)q->check(RepairMode::None);
+    // The repair path writes: run it on a private copy. A read-write open repairs a dirty image
+    // by itself; check -r all then rebuilds whatever refcount structure is left broken.
+    int copy_raw = ::memfd_create("fuzz-repair", MFD_CLOEXEC);
+    if (copy_raw < 0) return 0;
+    UniqueFd copy(copy_raw);
+    if (!pwrite_all(copy.get(), data, size, 0)) return 0;
+    Qcow2OpenOptions options;
+    options.open_backing = false;
+    auto rw = Qcow2Image::open("/proc/self/fd/" + std::to_string(copy.get()), OpenMode::ReadWrite, options);
+    if (rw) (void)(*rw)->check(RepairMode::All);
+  }
   return 0;
 }

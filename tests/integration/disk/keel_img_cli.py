@@ -3,6 +3,7 @@
 check exit codes and repairs, compare."""
 import json
 import os
+import shutil
 import random
 import subprocess
 import sys
@@ -171,17 +172,47 @@ def main():
         p = run(KEEL, "check", src, check=False)
         expect(p.returncode == 63, "check of raw: 63")
 
-        # A lazy-refcounts image left dirty by a killed qemu-io: refused for writing, repaired by -r all.
+        # A lazy-refcounts image left dirty by a killed qemu-io: check reports it as qemu-img does,
+        # -r leaks cannot fix it (exit 1, as qemu-img), a read-write open repairs it first.
         lz = os.path.join(tmp, "lazy.qcow2")
         run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", lz, "16M")
-        subprocess.run(["qemu-io", "-c", "write -P 1 0 1M", "-c", "sigraise 9", lz], capture_output=True)
+        subprocess.run(["qemu-io", "-c", "write -P 1 0 1M", "-c", "write -P 2 8M 64k", "-c", "sigraise 9", lz],
+                       capture_output=True)
+        info = json.loads(run(KEEL, "info", "--output=json", lz).stdout)
+        expect(info["dirty-flag"] is True, "keel-img info: dirty flag of a killed qemu-io's image")
+        expect("cleanly shut down: no" in run(KEEL, "info", lz).stdout, "keel-img info: not cleanly shut down")
+        kj = json.loads(run(KEEL, "check", "--output=json", lz, check=False).stdout)
+        qj = json.loads(run("qemu-img", "check", "--output=json", lz, check=False).stdout)
+        p = run(KEEL, "check", lz, check=False)
+        q = run("qemu-img", "check", lz, check=False)
+        expect(p.returncode == q.returncode == 2 and kj.get("corruptions") == qj.get("corruptions") > 0,
+               f"dirty image: check counts as qemu-img ({p.returncode} {kj.get('corruptions')}, "
+               f"{q.returncode} {qj.get('corruptions')})")
+        p = run(KEEL, "check", "-r", "leaks", lz, check=False)
+        expect(p.returncode == 1 and "need to rebuild" in p.stderr, f"-r leaks on a dirty image: {p.returncode} {p.stderr[-200:]}")
+        lz2 = os.path.join(tmp, "lazy2.qcow2")
+        shutil.copy(lz, lz2)
         p = run(KEEL, "resize", lz, "32M", check=False)
-        expect(p.returncode != 0 and "dirty" in p.stderr, f"dirty image refused for writing: {p.stderr}")
-        p = run(KEEL, "check", "-r", "all", lz, check=False)
-        expect(p.returncode == 0, f"check -r all repairs the dirty image: {p.stdout}")
-        qcheck(lz, "after -r all on a dirty image")
+        expect(p.returncode == 0 and "not closed cleanly" in p.stderr, f"read-write open repairs first: {p.stderr}")
+        qcheck(lz, "after the automatic repair of a dirty image")
         info = json.loads(run("qemu-img", "info", "--output=json", lz).stdout)
-        expect(info["dirty-flag"] is False, "the dirty bit is cleared")
+        expect(info["dirty-flag"] is False and info["virtual-size"] == 32 << 20, "repaired, resized, clean")
+        q = run("qemu-io", "-r", "-c", "read -P 1 0 1M", "-c", "read -P 2 8M 64k", lz, check=False)
+        expect(q.returncode == 0 and "Pattern verification failed" not in q.stdout, f"data intact after repair: {q.stdout}")
+        p = run(KEEL, "check", "-r", "all", lz2, check=False)
+        expect(p.returncode == 0 and "Rebuilding refcount structure" in p.stderr, f"check -r all rebuilds: {p.stdout}")
+        qcheck(lz2, "after -r all on a dirty image")
+        expect(json.loads(run("qemu-img", "info", "--output=json", lz2).stdout)["dirty-flag"] is False,
+               "the dirty bit is cleared")
+
+        # keel-img writing a lazy-refcounts image: dirty while open, clean after close.
+        lk = os.path.join(tmp, "keel-lazy.qcow2")
+        run(KEEL, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", lk, "64M")
+        run(KEEL, "bench", "-w", "-c", "3000", "-d", "4", "-s", "4k", "--pattern=random", "--flush-interval=100", lk)
+        qcheck(lk, "lazy-refcount writes, clean close")
+        info = json.loads(run("qemu-img", "info", "--output=json", lk).stdout)
+        expect(info["dirty-flag"] is False and info["format-specific"]["data"]["lazy-refcounts"] is True,
+               "lazy image clean after keel-img closed it")
 
         # Errors name the file and what is wrong.
         with open(os.path.join(tmp, "bad.qcow2"), "wb") as f:

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -372,3 +373,85 @@ TEST_F(Qcow2Hostile, CorruptBitRefusesWrites) {
 }
 
 }  // namespace
+
+namespace {
+
+uint64_t header_incompat(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  uint8_t b[8] = {};
+  EXPECT_EQ(::pread(fd, b, 8, 72), 8);
+  ::close(fd);
+  return load_be64(b);
+}
+
+}  // namespace
+
+TEST(Qcow2Lazy, DirtyWhileOpenCleanAfterClose) {
+  TempDir dir;
+  std::string path = dir.file("lazy.qcow2");
+  Qcow2CreateOptions o;
+  o.size = 64 << 20;
+  o.lazy_refcounts = true;
+  ASSERT_TRUE(Qcow2Image::create(path, o));
+  auto img = Qcow2Image::open(path, OpenMode::ReadWrite);
+  ASSERT_TRUE(img) << img.error().message();
+  EXPECT_EQ(header_incompat(path) & 1, 0u) << "no dirty bit before the first allocating write";
+  std::vector<uint8_t> data(1 << 20, 0x42);
+  for (uint64_t off = 0; off < (32 << 20); off += 3 << 20) ASSERT_TRUE((*img)->write(off, data));
+  ASSERT_TRUE((*img)->flush());
+  EXPECT_EQ(header_incompat(path) & 1, 1u) << "dirty once L2 tables reach the file ahead of refcounts";
+  std::string out;
+  EXPECT_EQ(qemu_img({"check", path}, &out), 2) << "refcounts stay cached across a flush: " << out;
+  ASSERT_TRUE((*img)->close());
+  EXPECT_EQ(header_incompat(path) & 1, 0u);
+  EXPECT_EQ(qemu_img({"check", path}, &out), 0) << out;
+}
+
+TEST(Qcow2Lazy, DirtyImageRepairedOnReadWriteOpen) {
+  TempDir dir;
+  std::string path = dir.file("dirty.qcow2");
+  ASSERT_EQ(qemu_img({"create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path, "16M"}), 0);
+  auto r = run_command({"qemu-io", "-c", "write -P 7 0 1M", "-c", "sigraise 9", path});
+  ASSERT_TRUE(r);
+  ASSERT_EQ(header_incompat(path) & 1, 1u);
+  {
+    auto ro = Qcow2Image::open(path, OpenMode::ReadOnly);
+    ASSERT_TRUE(ro) << "read-only opens of a dirty image only report";
+    auto c = (*ro)->check(RepairMode::None);
+    ASSERT_TRUE(c);
+    EXPECT_GT(c->corruptions, 0u);
+    EXPECT_FALSE((*ro)->open_repair());
+  }
+  auto img = Qcow2Image::open(path, OpenMode::ReadWrite);
+  ASSERT_TRUE(img) << img.error().message();
+  ASSERT_TRUE((*img)->open_repair());
+  EXPECT_GT((*img)->open_repair()->corruptions_fixed, 0u);
+  EXPECT_FALSE((*img)->dirty());
+  std::vector<uint8_t> buf(1 << 20);
+  ASSERT_TRUE((*img)->read(0, buf));
+  EXPECT_EQ(std::count(buf.begin(), buf.end(), 7), static_cast<long>(buf.size()));
+  ASSERT_TRUE((*img)->close());
+  std::string out;
+  EXPECT_EQ(qemu_img({"check", path}, &out), 0) << out;
+}
+
+TEST(Qcow2Check, MissingRefcountBlockIsRebuilt) {
+  TempDir dir;
+  std::string path = dir.file("norefblock.qcow2");
+  ASSERT_EQ(qemu_img({"create", "-q", "-f", "qcow2", path, "16M"}), 0);
+  ASSERT_EQ(run_command({"qemu-io", "-c", "write -P 9 0 2M", path})->exit_code, 0);
+  patch_be64(path, 65536, 0);  // refcount table entry 0
+  auto img = Qcow2Image::open(path, OpenMode::ReadWrite, {.open_backing = false, .for_repair = true});
+  ASSERT_TRUE(img) << img.error().message();
+  auto leaks_only = (*img)->check(RepairMode::Leaks);
+  ASSERT_TRUE(leaks_only);
+  EXPECT_FALSE(leaks_only->failure.empty()) << "-r leaks cannot rebuild";
+  auto fixed = (*img)->check(RepairMode::All);
+  ASSERT_TRUE(fixed) << fixed.error().message();
+  EXPECT_TRUE(fixed->failure.empty());
+  EXPECT_EQ(fixed->corruptions, 0u);
+  EXPECT_GT(fixed->corruptions_fixed, 0u);
+  ASSERT_TRUE((*img)->close());
+  std::string out;
+  EXPECT_EQ(qemu_img({"check", path}, &out), 0) << out;
+}
