@@ -287,8 +287,6 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
     if ((incompat_ & kIncDirty) && !options.for_repair)
       return fail_invalid("{}: the image is dirty (lazy refcounts were not written back); repair it with "
                           "'keel-img check -r all' first", path_);
-    if (extended_l2_)
-      return fail(ENOTSUP, fmt::format("{}: writing images with extended L2 entries is not supported", path_));
   }
 
   // Sizes and tables.
@@ -1100,7 +1098,9 @@ Result<std::vector<Extent>> Qcow2Image::block_status(uint64_t offset, uint64_t l
       std::lock_guard lock(mutex_);
       run = TRY(resolve(pos, end - pos));
     }
-    if (run.kind == RunKind::Unallocated && run.host) {
+    // A subcluster not allocated in a cluster that has a place: qemu-img map shows that place when
+    // nothing lies below, and what lies below otherwise.
+    if (run.kind == RunKind::Unallocated && run.host && !backing_) {
       Extent e;
       e.offset = pos;
       e.length = run.length;
@@ -1216,7 +1216,8 @@ Result<void> Qcow2Image::write(uint64_t offset, std::span<const uint8_t> data) {
         // Allocating write: everything under the lock, up to the end of this L2 table.
         uint64_t table_end = ((pos >> (cluster_bits_ + l2_bits_)) + 1) << (cluster_bits_ + l2_bits_);
         uint64_t n = std::min<uint64_t>(data.size() - done, table_end - pos);
-        auto r = write_locked(pos, data.subspan(done, n));
+        auto r = extended_l2_ ? write_subclusters_locked(pos, data.subspan(done, n))
+                              : write_locked(pos, data.subspan(done, n));
         lock.unlock();
         auto d = run_deferred_writes();
         if (!r) return r;
@@ -1425,6 +1426,8 @@ Result<void> Qcow2Image::place_compressed(uint64_t offset, const uint8_t* out, s
 
 Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool unallocate) {
   // offset and length are cluster aligned (length may end at the disk's end).
+  if (extended_l2_)
+    return unmap_subclusters_locked(offset, offset + length, unallocate ? UnmapTo::Backing : UnmapTo::Zero);
   uint64_t pos = offset, end = offset + length;
   while (pos < end) {
     uint64_t l1_index = pos >> (cluster_bits_ + l2_bits_);
@@ -1456,6 +1459,7 @@ Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool 
 Result<void> Qcow2Image::write_zeroes(uint64_t offset, uint64_t length) {
   if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
   TRY(check_range(offset, length, "write-zeroes"));
+  if (extended_l2_) return write_zeroes_subclusters(offset, length);
   uint64_t end = offset + length;
   uint64_t a = (offset + cluster_size_ - 1) & ~uint64_t{cluster_size_ - 1};
   uint64_t b = end & ~uint64_t{cluster_size_ - 1};
