@@ -50,7 +50,7 @@ void usage() {
       "  create [-f fmt] [-o options] [-b backing [-F fmt]] [-u] FILE [SIZE]\n"
       "  info [-f fmt] [--output=human|json] [--backing-chain] FILE\n"
       "  check [-f fmt] [--output=human|json] [-r leaks|all] FILE\n"
-      "  convert [-f fmt] [-O fmt] [-o options] [-c] [-B backing] [-p] [-S size] [-W] SRC DST\n"
+      "  convert [-f fmt] [-O fmt] [-o options] [-c] [-B backing] [-p] [-S size] [-W] [-t cache] [-T src_cache] SRC DST\n"
       "  compare [-f fmt] [-F fmt] [-s] FILE1 FILE2\n"
       "  map [-f fmt] [--output=human|json] FILE\n"
       "  resize [-f fmt] [--shrink] FILE [+|-]SIZE\n"
@@ -58,8 +58,8 @@ void usage() {
       "  commit [-f fmt] [-d] FILE\n"
       "  rebase [-f fmt] [-u] -b BACKING [-F fmt] FILE\n"
       "  measure [-O fmt] [-o options] (--size SIZE | [-f fmt] FILE)\n"
-      "  bench [-c count] [-d depth] [-s size] [-w] [-f fmt] [--pattern=random|sequential] FILE\n"
-      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] [-t] [-x NAME] FILE\n",
+      "  bench [-c count] [-d depth] [-s size] [-w] [-f fmt] [-t cache | -n] [--pattern=random|sequential] FILE\n"
+      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] [-t] [-x NAME] [--cache=none|-n] FILE\n",
       stderr);
   std::exit(1);
 }
@@ -69,8 +69,16 @@ std::optional<ImageFormat> fmt_opt(const std::string& s) {
   return must(parse_format(s));
 }
 
-std::unique_ptr<BlockDevice> open_or_die(const std::string& path, OpenMode mode, const std::string& fmt) {
-  auto r = open_image(path, mode, fmt_opt(fmt));
+// qemu's cache modes: "none" and "directsync" bypass the page cache (O_DIRECT); the others use it.
+CacheMode parse_cache_mode(const std::string& mode) {
+  if (mode == "none" || mode == "directsync") return CacheMode::None;
+  if (mode == "writeback" || mode == "unsafe" || mode == "writethrough") return CacheMode::Writeback;
+  die("cache mode must be none, directsync, writeback, writethrough or unsafe, not '" + mode + "'");
+}
+
+std::unique_ptr<BlockDevice> open_or_die(const std::string& path, OpenMode mode, const std::string& fmt,
+                                         CacheMode cache = CacheMode::Writeback) {
+  auto r = open_image(path, mode, fmt_opt(fmt), cache);
   if (!r) die(r.error().message());
   return std::move(*r);
 }
@@ -332,7 +340,8 @@ void print_info_human(BlockDevice& dev, const std::string& path) {
 }
 
 enum { OPT_OUTPUT = 1000, OPT_BACKING_CHAIN, OPT_SHRINK, OPT_SIZE, OPT_SOCKET, OPT_PORT, OPT_READ_ONLY,
-       OPT_SHARED, OPT_PATTERN, OPT_FLUSH_INTERVAL, OPT_MIXED, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS };
+       OPT_SHARED, OPT_PATTERN, OPT_FLUSH_INTERVAL, OPT_MIXED, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS,
+       OPT_CACHE };
 
 int cmd_info(int argc, char** argv) {
   static option longopts[] = {{"output", required_argument, nullptr, OPT_OUTPUT},
@@ -507,6 +516,7 @@ bool is_zero(const uint8_t* p, size_t n) {
 int cmd_convert(int argc, char** argv) {
   std::string src_fmt, dst_fmt = "raw", options, target_backing, target_backing_fmt;
   bool compress = false, progress = false, safe_cache = false, direct = false;
+  CacheMode src_cache = CacheMode::Writeback;
   uint64_t sparse_size = 4096;
   int c;
   while ((c = getopt(argc, argv, "f:O:o:cB:F:pS:WqnUm:t:T:")) != -1) {
@@ -521,15 +531,16 @@ int cmd_convert(int argc, char** argv) {
       case 'S': sparse_size = must(parse_size(optarg)); break;
       case 't':
         safe_cache = std::string(optarg) != "unsafe";
-        direct = std::string(optarg) == "none" || std::string(optarg) == "directsync";
+        direct = parse_cache_mode(optarg) == CacheMode::None;
         break;
-      case 'W': case 'q': case 'n': case 'U': case 'm': case 'T': break;
+      case 'T': src_cache = parse_cache_mode(optarg); break;
+      case 'W': case 'q': case 'n': case 'U': case 'm': break;
       default: usage();
     }
   }
   if (optind + 2 != argc) usage();
   std::string src_path = argv[optind], dst_path = argv[optind + 1];
-  auto src = open_or_die(src_path, OpenMode::ReadOnly, src_fmt);
+  auto src = open_or_die(src_path, OpenMode::ReadOnly, src_fmt, src_cache);
   uint64_t size = src->size();
   ImageFormat df = must(parse_format(dst_fmt));
   auto opts = parse_options(options);
@@ -546,8 +557,7 @@ int cmd_convert(int argc, char** argv) {
   }
   create_image(dst_path, df, size, opts, target_backing, target_backing_fmt);
   std::unique_ptr<BlockDevice> dst;
-  if (direct && df == ImageFormat::Raw) dst = must(RawImage::open_direct(dst_path, OpenMode::ReadWrite));
-  else dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt);
+  dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt, direct ? CacheMode::None : CacheMode::Writeback);
   auto* qdst = dynamic_cast<Qcow2Image*>(dst.get());
   if (qdst && !safe_cache) qdst->set_unsafe_cache(true);
   auto* qbacking = qdst ? qdst->backing() : nullptr;
@@ -1124,18 +1134,17 @@ int cmd_bench(int argc, char** argv) {
       case OPT_PATTERN: random = std::string(optarg) == "random"; break;
       case OPT_FLUSH_INTERVAL: flush_interval = std::strtoull(optarg, nullptr, 10); break;
       case OPT_MIXED: mixed = true; write = true; random = true; break;
-      case 't': bench_direct = std::string(optarg) == "none" || std::string(optarg) == "directsync"; break;
-      case 'i': case 'n': case 'q': case 'U': break;
+      case 't': bench_direct = parse_cache_mode(optarg) == CacheMode::None; break;
+      case 'n': bench_direct = true; break;  // --nocache
+      case 'i': case 'q': case 'U': break;
       default: usage();
     }
   }
   if (optind >= argc) usage();
   if (!step) step = size;
   std::unique_ptr<BlockDevice> dev;
-  if (bench_direct && (fmt == "raw" || (fmt.empty() && must(probe_format(argv[optind])) == ImageFormat::Raw)))
-    dev = must(RawImage::open_direct(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly));
-  else
-    dev = open_or_die(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly, fmt);
+  dev = open_or_die(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly, fmt,
+                    bench_direct ? CacheMode::None : CacheMode::Writeback);
   uint64_t slots = dev->size() > offset + size ? (dev->size() - offset - size) / size + 1 : 1;
   std::printf("Sending %llu %s requests, %llu bytes each, %llu in parallel (starting at offset %llu, step size %llu)\n",
               static_cast<unsigned long long>(count), write ? "write" : "read", static_cast<unsigned long long>(size),
@@ -1199,13 +1208,18 @@ int cmd_serve(int argc, char** argv) {
                               {"shared", required_argument, nullptr, OPT_SHARED},
                               {"persistent", no_argument, nullptr, 't'},
                               {"export-name", required_argument, nullptr, 'x'},
+                              {"cache", required_argument, nullptr, OPT_CACHE},
+                              {"nocache", no_argument, nullptr, 'n'},
                               {nullptr, 0, nullptr, 0}};
   NbdServerOptions so;
   std::string fmt;
   bool read_only = false;
+  CacheMode cache = CacheMode::Writeback;
   int c;
-  while ((c = getopt_long(argc, argv, "f:tx:", longopts, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, "f:tx:n", longopts, nullptr)) != -1) {
     switch (c) {
+      case OPT_CACHE: cache = parse_cache_mode(optarg); break;
+      case 'n': cache = CacheMode::None; break;
       case 'f': fmt = optarg; break;
       case 't': so.persistent = true; break;
       case 'x': so.export_name = optarg; break;
@@ -1217,7 +1231,7 @@ int cmd_serve(int argc, char** argv) {
     }
   }
   if (optind >= argc || (so.socket_path.empty() && so.port == 0)) usage();
-  auto dev = open_or_die(argv[optind], read_only ? OpenMode::ReadOnly : OpenMode::ReadWrite, fmt);
+  auto dev = open_or_die(argv[optind], read_only ? OpenMode::ReadOnly : OpenMode::ReadWrite, fmt, cache);
   so.read_only = read_only;
   must(serve_nbd(*dev, so));
   if (auto* q = dynamic_cast<Qcow2Image*>(dev.get())) must(q->close());

@@ -23,6 +23,7 @@
 
 #include "base/unique_fd.h"
 #include "disk/block_device.h"
+#include "disk/direct_file.h"
 #include "disk/hole_map.h"
 
 namespace keel::disk {
@@ -47,6 +48,8 @@ struct Qcow2OpenOptions {
   bool open_backing = true;
   // Opens images whose corrupt bit is set, or that are dirty, for repair.
   bool for_repair = false;
+  // O_DIRECT for this image and its backing chain (cache mode "none").
+  bool direct = false;
 };
 
 struct Qcow2Snapshot {
@@ -225,6 +228,8 @@ private:
   Result<void> check_host_offset(uint64_t host, uint64_t voffset) const;
   Result<void> pread_meta(void* buf, size_t len, uint64_t offset, const char* what);
   Result<void> pwrite_meta(const void* buf, size_t len, uint64_t offset, const char* what);
+  Result<void> file_read(void* buf, size_t len, uint64_t offset);
+  Result<void> file_write(const void* buf, size_t len, uint64_t offset);
   Result<void> write_header();
   Result<void> write_l1();
   Result<void> write_snapshot_table(std::vector<Qcow2Snapshot> snapshots);
@@ -234,6 +239,7 @@ private:
 
   std::string path_;
   UniqueFd fd_;
+  std::unique_ptr<DirectFile> direct_;  // set when opened with O_DIRECT
   bool read_only_ = true;
   mutable std::mutex mutex_;
 

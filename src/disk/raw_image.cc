@@ -1,5 +1,7 @@
 #include "disk/raw_image.h"
 
+#include "disk/direct_file.h"
+
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -25,7 +27,7 @@ Result<std::unique_ptr<RawImage>> RawImage::open(const std::string& path, OpenMo
 
 Result<std::unique_ptr<RawImage>> RawImage::open_direct(const std::string& path, OpenMode mode) {
   bool ro = mode == OpenMode::ReadOnly;
-  UniqueFd fd = TRY(UniqueFd::open(path, (ro ? O_RDONLY : O_RDWR) | O_DIRECT));
+  UniqueFd fd = TRY(DirectFile::open(path, ro ? O_RDONLY : O_RDWR));
   struct stat st;
   if (::fstat(fd.get(), &st) < 0) return fail_errno("stat " + path);
   uint64_t size = static_cast<uint64_t>(st.st_size);

@@ -35,3 +35,43 @@ def finish():
     """Prints the closing line and returns the exit code."""
     print(f"{_passed} passed, {len(_failures)} failed")
     return 1 if _failures else 0
+
+
+def _takes_o_direct(directory):
+    import mmap
+    probe = os.path.join(directory, f".keel-odirect-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT)
+        try:
+            os.pwrite(fd, mmap.mmap(-1, 4096), 0)
+            return True
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+def direct_io_dir(tmp):
+    """A directory for images opened with O_DIRECT (cache=none): tmp itself when its file system
+    takes O_DIRECT, else /var/tmp, else a small ext4 loop mount made under tmp (root; unmounted at
+    exit)."""
+    import atexit
+    import tempfile
+    if _takes_o_direct(tmp):
+        return tmp
+    if _takes_o_direct("/var/tmp"):
+        d = tempfile.mkdtemp(prefix="keel-direct-", dir="/var/tmp")
+        atexit.register(lambda: subprocess.run(["rm", "-rf", d]))
+        return d
+    image = os.path.join(tmp, "ext4.img")
+    mnt = os.path.join(tmp, "ext4")
+    os.mkdir(mnt)
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    run("mkfs.ext4", "-q", "-F", image)
+    run("mount", "-o", "loop", image, mnt)
+    atexit.register(lambda: subprocess.run(["umount", mnt]))
+    return mnt
