@@ -163,6 +163,9 @@ void create_image(const std::string& path, ImageFormat fmt, uint64_t size,
       if (k == "subformat") vo.subformat = v;
       else die("unknown vmdk option '" + k + "'");
     }
+    if (!backing.empty() && backing_fmt != "vmdk")
+      die("a VMDK image's parent must be a VMDK image, not " + backing_fmt);
+    vo.parent_file = backing;
     must(VmdkImage::create(path, vo));
     return;
   }
@@ -223,7 +226,7 @@ int cmd_create(int argc, char** argv) {
     die("create: image size is required");
   }
   ImageFormat f = must(parse_format(fmt));
-  if (!backing.empty() && f != ImageFormat::Qcow2) die("backing files need the qcow2 format");
+  if (!backing.empty() && f == ImageFormat::Raw) die("raw images cannot have a backing file");
   create_image(path, f, size, opts, backing, backing_fmt);
   std::printf("Formatting '%s', fmt=%s size=%llu\n", path.c_str(), fmt.c_str(), static_cast<unsigned long long>(size));
   return 0;
@@ -299,7 +302,13 @@ json image_info_json(BlockDevice& dev, const std::string& path) {
     }
   }
   if (auto* v = dynamic_cast<VmdkImage*>(&dev)) {
-    j["format-specific"] = {{"type", "vmdk"}, {"data", {{"create-type", v->create_type()}}}};
+    j["format-specific"] = {{"type", "vmdk"},
+                            {"data", {{"create-type", v->create_type()}, {"cid", v->cid()}, {"parent-cid", v->parent_cid()}}}};
+    if (!v->parent_file().empty()) {
+      j["backing-filename"] = v->parent_file();
+      j["full-backing-filename"] = v->parent_path();
+      j["backing-filename-format"] = "vmdk";
+    }
   }
   j["dirty-flag"] = q ? q->dirty() : false;
   return j;
@@ -335,8 +344,12 @@ void print_info_human(BlockDevice& dev, const std::string& path) {
       std::printf("    extended l2: %s\n", q->extended_l2() ? "true" : "false");
     }
   }
-  if (auto* v = dynamic_cast<VmdkImage*>(&dev))
-    std::printf("Format specific information:\n    create type: %s\n", v->create_type().c_str());
+  if (auto* v = dynamic_cast<VmdkImage*>(&dev)) {
+    if (!v->parent_file().empty())
+      std::printf("backing file: %s\nbacking file format: vmdk\n", v->parent_file().c_str());
+    std::printf("Format specific information:\n    cid: %u\n    parent cid: %u\n    create type: %s\n", v->cid(),
+                v->parent_cid(), v->create_type().c_str());
+  }
 }
 
 enum { OPT_OUTPUT = 1000, OPT_BACKING_CHAIN, OPT_SHRINK, OPT_SIZE, OPT_SOCKET, OPT_PORT, OPT_READ_ONLY,

@@ -14,6 +14,7 @@
 
 #include "base/progress.h"
 #include "disk/endian.h"
+#include "disk/image_internal.h"
 
 namespace keel::disk {
 
@@ -82,6 +83,37 @@ std::string quoted_value(const std::string& text, const std::string& key) {
   return text.substr(p, e == std::string::npos ? std::string::npos : e - p);
 }
 
+// The value of `key=` on a line of its own (so "CID" does not find "parentCID"), without quotes.
+std::string descriptor_value(const std::string& text, const std::string& key) {
+  size_t line_start = 0;
+  while (line_start < text.size()) {
+    size_t line_end = text.find('\n', line_start);
+    if (line_end == std::string::npos) line_end = text.size();
+    std::string_view line(text.data() + line_start, line_end - line_start);
+    line_start = line_end + 1;
+    while (!line.empty() && (line.front() == ' ' || line.front() == '\t')) line.remove_prefix(1);
+    if (line.substr(0, key.size()) != key) continue;
+    line.remove_prefix(key.size());
+    while (!line.empty() && line.front() == ' ') line.remove_prefix(1);
+    if (line.empty() || line.front() != '=') continue;
+    line.remove_prefix(1);
+    while (!line.empty() && (line.front() == ' ' || line.front() == '"')) line.remove_prefix(1);
+    while (!line.empty() && (line.back() == ' ' || line.back() == '"' || line.back() == '\r')) line.remove_suffix(1);
+    return std::string(line);
+  }
+  return {};
+}
+
+// A CID as qemu reads it (hex, "ffffffff" for none); missing or unparsable: ffffffff.
+uint32_t parse_cid(const std::string& text) {
+  if (text.empty()) return 0xffffffff;
+  char* end = nullptr;
+  unsigned long v = std::strtoul(text.c_str(), &end, 16);
+  return end == text.c_str() ? 0xffffffff : static_cast<uint32_t>(v);
+}
+
+constexpr int kMaxChainDepth = 256;
+
 bool is_zero(const uint8_t* p, size_t n) {
   if (n == 0) return true;
   if (p[0]) return false;
@@ -106,13 +138,53 @@ struct VmdkImage::ExtentInfo {
 
 VmdkImage::~VmdkImage() = default;
 
-Result<std::unique_ptr<VmdkImage>> VmdkImage::open(const std::string& path, OpenMode mode) {
+Result<std::unique_ptr<VmdkImage>> VmdkImage::open(const std::string& path, OpenMode mode, int chain_depth) {
   if (mode == OpenMode::ReadWrite)
     return fail(EROFS, path + ": VMDK images open read-only (convert them to qcow2 to write)");
+  if (chain_depth > kMaxChainDepth)
+    return fail_invalid("{}: VMDK parent chain is deeper than {} images (a loop?)", path, kMaxChainDepth);
   std::unique_ptr<VmdkImage> image(new VmdkImage());
   image->path_ = path;
-  TRY(image->load(path));
+  TRY(image->load(path, chain_depth));
   return image;
+}
+
+Result<void> VmdkImage::load_parent(const std::string& descriptor, int chain_depth) {
+  cid_ = parse_cid(descriptor_value(descriptor, "CID"));
+  parent_cid_ = parse_cid(descriptor_value(descriptor, "parentCID"));
+  parent_hint_ = descriptor_value(descriptor, "parentFileNameHint");
+  if (parent_hint_.empty()) return ok();
+  std::filesystem::path hint(parent_hint_);
+  parent_resolved_ = hint.is_absolute() ? hint.string() : (std::filesystem::path(path_).parent_path() / hint).string();
+  std::error_code ec;
+  if (std::filesystem::equivalent(parent_resolved_, path_, ec))
+    return fail_invalid("{}: VMDK image names itself as its parent ({})", path_, parent_hint_);
+  // As qemu: a delta link's parent is a VMDK (its CID is what the link checks).
+  auto parent = open_image_internal(parent_resolved_, OpenMode::ReadOnly, ImageFormat::Vmdk, chain_depth + 1);
+  if (!parent) {
+    // Only the outermost image adds its name: a loop would otherwise repeat it 256 times.
+    if (chain_depth > 0) return fail(parent.error());
+    return fail(parent.error().with_context(fmt::format("{}: opening VMDK parent '{}'", path_, parent_hint_)));
+  }
+  parent_ = std::move(*parent);
+  return ok();
+}
+
+Result<void> VmdkImage::check_parent_cid() const {
+  if (!parent_) return ok();
+  auto* p = dynamic_cast<VmdkImage*>(parent_.get());
+  uint32_t have = p ? p->cid() : 0xffffffff;
+  if (have != parent_cid_)
+    return fail_invalid("{}: parent {} has CID {:08x}, but this image was made on CID {:08x} (parentCID): the "
+                        "parent changed after this delta was made", path_, parent_resolved_, have, parent_cid_);
+  return ok();
+}
+
+Result<void> VmdkImage::read_parent(uint64_t offset, std::span<uint8_t> out) {
+  uint64_t have = parent_ && offset < parent_->size() ? std::min<uint64_t>(out.size(), parent_->size() - offset) : 0;
+  if (have) TRY(parent_->read(offset, out.subspan(0, have)));
+  if (have < out.size()) std::memset(out.data() + have, 0, out.size() - have);
+  return ok();
 }
 
 static Result<void> load_sparse(VmdkImage::ExtentInfo& e, const std::string& path, std::string* descriptor) {
@@ -161,7 +233,7 @@ static Result<void> load_sparse(VmdkImage::ExtentInfo& e, const std::string& pat
   return ok();
 }
 
-Result<void> VmdkImage::load(const std::string& path) {
+Result<void> VmdkImage::load(const std::string& path, int chain_depth) {
   UniqueFd fd = TRY(UniqueFd::open(path, O_RDONLY));
   uint8_t head[512] = {};
   size_t n = TRY(read_full(fd.get(), head, sizeof(head)));
@@ -173,8 +245,9 @@ Result<void> VmdkImage::load(const std::string& path) {
     if (create_type_.empty())
       create_type_ = (e->header.flags & kFlagCompressed) ? "streamOptimized" : "monolithicSparse";
     size_ = e->length;
+    e->path = path;
     extents_.push_back(std::move(e));
-    return ok();
+    return load_parent(descriptor, chain_depth);
   }
   // A text descriptor naming extent files.
   struct stat st;
@@ -184,8 +257,6 @@ Result<void> VmdkImage::load(const std::string& path) {
   TRY(pread_all(fd.get(), text.data(), text.size(), 0));
   if (text.rfind("# Disk DescriptorFile", 0) != 0) return fail_invalid("{}: not a VMDK descriptor", path);
   create_type_ = quoted_value(text, "createType");
-  if (!quoted_value(text, "parentFileNameHint").empty())
-    return fail(ENOTSUP, fmt::format("{}: VMDK images with a parent are not supported", path));
   std::filesystem::path dir = std::filesystem::path(path).parent_path();
   uint64_t pos = 0;
   size_t line_start = 0;
@@ -231,7 +302,7 @@ Result<void> VmdkImage::load(const std::string& path) {
   }
   if (extents_.empty()) return fail_invalid("{}: VMDK descriptor names no extents", path);
   size_ = pos;
-  return ok();
+  return load_parent(text, chain_depth);
 }
 
 Result<void> VmdkImage::parse_bytes(std::span<const uint8_t> bytes) {
@@ -286,7 +357,9 @@ Result<void> VmdkImage::read_extent(ExtentInfo& e, uint64_t offset, std::span<ui
     uint64_t in_grain = pos % grain_bytes;
     uint64_t n = std::min<uint64_t>(grain_bytes - in_grain, out.size() - done);
     uint32_t sector = TRY(grain_sector(e, grain));
-    if (sector == 0 || (sector == 1 && (e.header.flags & kFlagZeroGrain))) {
+    if (sector == 0) {
+      TRY(read_parent(e.start + pos, out.subspan(done, n)));  // unallocated: the parent's, or zeros
+    } else if (sector == 1 && (e.header.flags & kFlagZeroGrain)) {
       std::memset(out.data() + done, 0, n);
     } else if (!(e.header.flags & kFlagCompressed)) {
       uint64_t off = uint64_t{sector} * 512 + in_grain;
@@ -328,6 +401,7 @@ Result<void> VmdkImage::read_extent(ExtentInfo& e, uint64_t offset, std::span<ui
 Result<void> VmdkImage::read(uint64_t offset, std::span<uint8_t> out) {
   if (offset > size_ || out.size() > size_ - offset)
     return fail_invalid("read {}: range {}+{} is beyond the end of the disk ({} bytes)", path_, offset, out.size(), size_);
+  TRY(check_parent_cid());
   uint64_t done = 0;
   for (auto& e : extents_) {
     if (done >= out.size()) break;
@@ -350,19 +424,40 @@ Result<void> VmdkImage::write_zeroes(uint64_t, uint64_t) {
 Result<std::vector<Extent>> VmdkImage::block_status(uint64_t offset, uint64_t length) {
   if (offset > size_ || length > size_ - offset)
     return fail_invalid("block-status {}: range beyond the end of the disk", path_);
+  TRY(check_parent_cid());
   std::vector<Extent> out;
-  auto add = [&](uint64_t start, uint64_t len, bool data) {
-    if (!out.empty() && out.back().data == data && out.back().offset + out.back().length == start) {
-      out.back().length += len;
-      return;
+  auto add_extent = [&](Extent x) {
+    if (!out.empty()) {
+      Extent& b = out.back();
+      if (b.data == x.data && b.zero == x.zero && b.depth == x.depth && b.allocated == x.allocated &&
+          b.offset + b.length == x.offset) {
+        b.length += x.length;
+        return;
+      }
     }
+    out.push_back(std::move(x));
+  };
+  auto add = [&](uint64_t start, uint64_t len, bool data) {
     Extent x;
     x.offset = start;
     x.length = len;
     x.data = data;
     x.zero = !data;
     x.allocated = data;
-    out.push_back(x);
+    add_extent(std::move(x));
+  };
+  // Unallocated grains: what the parent chain says, one level deeper.
+  auto add_unallocated = [&](uint64_t start, uint64_t len) -> Result<void> {
+    uint64_t have = parent_ && start < parent_->size() ? std::min(len, parent_->size() - start) : 0;
+    if (have) {
+      for (auto& x : TRY(parent_->block_status(start, have))) {
+        x.depth += 1;
+        x.file.clear();
+        add_extent(std::move(x));
+      }
+    }
+    if (have < len) add(start + have, len - have, false);
+    return ok();
   };
   uint64_t pos = offset, end = offset + length;
   for (auto& e : extents_) {
@@ -379,7 +474,8 @@ Result<std::vector<Extent>> VmdkImage::block_status(uint64_t offset, uint64_t le
       uint64_t rel = pos - e->start;
       uint64_t n = std::min(grain_bytes - rel % grain_bytes, stop - pos);
       uint32_t sector = TRY(grain_sector(*e, rel / grain_bytes));
-      add(pos, n, !(sector == 0 || (sector == 1 && (e->header.flags & kFlagZeroGrain))));
+      if (sector == 0) TRY(add_unallocated(pos, n));
+      else add(pos, n, !(sector == 1 && (e->header.flags & kFlagZeroGrain)));
       pos += n;
     }
   }
@@ -438,15 +534,18 @@ void put_header(uint8_t* h, uint32_t flags, uint64_t capacity, uint64_t desc_off
   h[78] = 0;
 }
 
-std::string descriptor_text(const std::string& create_type, uint64_t sectors, const std::string& file_name) {
-  std::mt19937 rng(static_cast<uint32_t>(sectors * 2654435761u) ^ static_cast<uint32_t>(::getpid()));
+std::string descriptor_text(const std::string& create_type, uint64_t sectors, const std::string& file_name,
+                            uint32_t parent_cid = 0xffffffff, const std::string& parent_file = {}) {
+  std::random_device entropy;
+  std::mt19937 rng(entropy() ^ static_cast<uint32_t>(sectors * 2654435761u) ^ static_cast<uint32_t>(::getpid()));
   uint64_t cylinders = std::min<uint64_t>(sectors / (16 * 63), 16383);
+  std::string parent_line = parent_file.empty() ? "" : fmt::format("parentFileNameHint=\"{}\"\n", parent_file);
   return fmt::format(
-      "# Disk DescriptorFile\nversion=1\nCID={:08x}\nparentCID=ffffffff\ncreateType=\"{}\"\n\n"
+      "# Disk DescriptorFile\nversion=1\nCID={:08x}\nparentCID={:08x}\ncreateType=\"{}\"\n{}\n"
       "# Extent description\nRW {} SPARSE \"{}\"\n\n# The Disk Data Base\n#DDB\n\n"
       "ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{}\"\nddb.geometry.heads = \"16\"\n"
       "ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\n",
-      rng(), create_type, sectors, file_name, cylinders);
+      rng(), parent_cid, create_type, parent_line, sectors, file_name, cylinders);
 }
 
 void put_marker(uint8_t* m, uint64_t val, uint32_t type) {
@@ -460,11 +559,23 @@ void put_marker(uint8_t* m, uint64_t val, uint32_t type) {
 
 Result<void> VmdkImage::create(const std::string& path, const VmdkCreateOptions& options) {
   ZeroDevice zero(options.size);
-  return convert_from(zero, path, options.subformat, false);
+  if (options.parent_file.empty()) return convert_from(zero, path, options.subformat, false);
+  // A delta link: an empty monolithicSparse child that records the parent's CID.
+  if (options.subformat != "monolithicSparse")
+    return fail(ENOTSUP, fmt::format("a VMDK with a parent must be monolithicSparse, not '{}'", options.subformat));
+  std::filesystem::path hint(options.parent_file);
+  std::string resolved = hint.is_absolute() ? hint.string() : (std::filesystem::path(path).parent_path() / hint).string();
+  auto parent = TRY_CTX(open(resolved, OpenMode::ReadOnly), "VMDK parent");
+  return write_sparse(zero, path, options.subformat, false, parent->cid(), options.parent_file);
 }
 
 Result<void> VmdkImage::convert_from(BlockDevice& source, const std::string& path, const std::string& subformat,
                                      bool progress) {
+  return write_sparse(source, path, subformat, progress, 0xffffffff, {});
+}
+
+Result<void> VmdkImage::write_sparse(BlockDevice& source, const std::string& path, const std::string& subformat,
+                                     bool progress, uint32_t parent_cid, const std::string& parent_file) {
   bool stream = subformat == "streamOptimized";
   if (!stream && subformat != "monolithicSparse")
     return fail(ENOTSUP, fmt::format("VMDK subformat '{}' cannot be written (use monolithicSparse or streamOptimized)",
@@ -474,7 +585,8 @@ Result<void> VmdkImage::convert_from(BlockDevice& source, const std::string& pat
   uint64_t grains = (capacity * 512 + grain_bytes - 1) / grain_bytes;
   uint64_t num_gts = (grains + 511) / 512;
   std::string name = std::filesystem::path(path).filename().string();
-  std::string desc = descriptor_text(stream ? "streamOptimized" : "monolithicSparse", capacity, name);
+  std::string desc = descriptor_text(stream ? "streamOptimized" : "monolithicSparse", capacity, name, parent_cid,
+                                     parent_file);
   const uint64_t desc_offset = 1, desc_size = 20;
   if (desc.size() > desc_size * 512) return fail_invalid("VMDK descriptor does not fit");
   UniqueFd fd = TRY(UniqueFd::open(path, O_RDWR | O_CREAT | O_TRUNC));

@@ -1,6 +1,8 @@
 // VmdkImage: VMware's disk format, as qemu-img writes it. Reads monolithicSparse, streamOptimized
 // (compressed grains, markers, footer), monolithicFlat and twoGbMaxExtentSparse descriptors;
-// writes streamOptimized (and monolithicSparse) by converting from another image.
+// writes streamOptimized (and monolithicSparse) by converting from another image. Delta links (a
+// descriptor's parentFileNameHint and parentCID) open as a backing chain: unallocated grains read
+// from the parent, which must be a VMDK whose CID is the child's parentCID, as qemu checks it.
 #pragma once
 
 #include <string>
@@ -14,11 +16,13 @@ namespace keel::disk {
 struct VmdkCreateOptions {
   uint64_t size = 0;
   std::string subformat = "monolithicSparse";
+  // A delta link to this parent (relative to the new image's directory, or absolute).
+  std::string parent_file;
 };
 
 class VmdkImage final : public BlockDevice {
 public:
-  static Result<std::unique_ptr<VmdkImage>> open(const std::string& path, OpenMode mode);
+  static Result<std::unique_ptr<VmdkImage>> open(const std::string& path, OpenMode mode, int chain_depth = 0);
   // Creates an empty image (monolithicSparse or streamOptimized).
   static Result<void> create(const std::string& path, const VmdkCreateOptions& options);
   // Writes `source` as a new image of the given subformat.
@@ -32,6 +36,12 @@ public:
   bool read_only() const override { return true; }
   std::string format() const override { return "vmdk"; }
   const std::string& create_type() const { return create_type_; }
+  uint32_t cid() const { return cid_; }
+  uint32_t parent_cid() const { return parent_cid_; }
+  // The parent as the descriptor names it (empty: none), and as it was opened.
+  const std::string& parent_file() const { return parent_hint_; }
+  const std::string& parent_path() const { return parent_resolved_; }
+  BlockDevice* parent() const { return parent_.get(); }
 
   Result<void> read(uint64_t offset, std::span<uint8_t> out) override;
   Result<void> write(uint64_t offset, std::span<const uint8_t> data) override;
@@ -45,13 +55,23 @@ public:
 
 private:
   VmdkImage() = default;
-  Result<void> load(const std::string& path);
+  static Result<void> write_sparse(BlockDevice& source, const std::string& path, const std::string& subformat,
+                                   bool progress, uint32_t parent_cid, const std::string& parent_file);
+  Result<void> load(const std::string& path, int chain_depth);
+  Result<void> load_parent(const std::string& descriptor, int chain_depth);
+  Result<void> check_parent_cid() const;
+  Result<void> read_parent(uint64_t offset, std::span<uint8_t> out);
   Result<void> read_extent(ExtentInfo& e, uint64_t offset, std::span<uint8_t> out);
 
   std::string path_;
   uint64_t size_ = 0;
   std::string create_type_;
   std::vector<std::unique_ptr<ExtentInfo>> extents_;
+  uint32_t cid_ = 0;
+  uint32_t parent_cid_ = 0xffffffff;
+  std::string parent_hint_;
+  std::string parent_resolved_;
+  std::unique_ptr<BlockDevice> parent_;
 };
 
 }  // namespace keel::disk
