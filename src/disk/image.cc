@@ -69,7 +69,7 @@ Result<std::unique_ptr<BlockDevice>> open_image_internal(const std::string& path
       return std::unique_ptr<BlockDevice>(std::move(image));
     }
     case ImageFormat::Vmdk: {
-      auto image = TRY(VmdkImage::open(path, mode, depth));
+      auto image = TRY(VmdkImage::open(path, mode, {}, depth));
       return std::unique_ptr<BlockDevice>(std::move(image));
     }
   }

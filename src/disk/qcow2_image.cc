@@ -915,6 +915,9 @@ Result<Qcow2Image::Run> Qcow2Image::resolve(uint64_t offset, uint64_t max_length
         uint64_t bitmap = l2_bitmap(table, l2_index);
         uint64_t sc = in_cluster >> subcluster_bits_;
         uint64_t hoff = e & kL2OffsetMask;
+        if ((bitmap >> 32) & bitmap & (1ULL << sc))
+          return fail_invalid("{}: subcluster at virtual offset {} is marked both allocated and zero", path_,
+                              hex(pos));
         if (bitmap & (1ULL << (32 + sc))) {
           kind = RunKind::Zero;
           if (hoff) host = hoff + in_cluster;

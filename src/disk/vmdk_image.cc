@@ -138,13 +138,15 @@ struct VmdkImage::ExtentInfo {
 
 VmdkImage::~VmdkImage() = default;
 
-Result<std::unique_ptr<VmdkImage>> VmdkImage::open(const std::string& path, OpenMode mode, int chain_depth) {
+Result<std::unique_ptr<VmdkImage>> VmdkImage::open(const std::string& path, OpenMode mode,
+                                                   const VmdkOpenOptions& options, int chain_depth) {
   if (mode == OpenMode::ReadWrite)
     return fail(EROFS, path + ": VMDK images open read-only (convert them to qcow2 to write)");
   if (chain_depth > kMaxChainDepth)
     return fail_invalid("{}: VMDK parent chain is deeper than {} images (a loop?)", path, kMaxChainDepth);
   std::unique_ptr<VmdkImage> image(new VmdkImage());
   image->path_ = path;
+  image->options_ = options;
   TRY(image->load(path, chain_depth));
   return image;
 }
@@ -153,7 +155,7 @@ Result<void> VmdkImage::load_parent(const std::string& descriptor, int chain_dep
   cid_ = parse_cid(descriptor_value(descriptor, "CID"));
   parent_cid_ = parse_cid(descriptor_value(descriptor, "parentCID"));
   parent_hint_ = descriptor_value(descriptor, "parentFileNameHint");
-  if (parent_hint_.empty()) return ok();
+  if (parent_hint_.empty() || !options_.open_parent) return ok();
   std::filesystem::path hint(parent_hint_);
   parent_resolved_ = hint.is_absolute() ? hint.string() : (std::filesystem::path(path_).parent_path() / hint).string();
   std::error_code ec;

@@ -20,9 +20,16 @@ struct VmdkCreateOptions {
   std::string parent_file;
 };
 
+struct VmdkOpenOptions {
+  // Off: a delta link's parent is named but not opened (its grains read as zeros); for the fuzz
+  // target, where names come from hostile bytes.
+  bool open_parent = true;
+};
+
 class VmdkImage final : public BlockDevice {
 public:
-  static Result<std::unique_ptr<VmdkImage>> open(const std::string& path, OpenMode mode, int chain_depth = 0);
+  static Result<std::unique_ptr<VmdkImage>> open(const std::string& path, OpenMode mode,
+                                                 const VmdkOpenOptions& options = {}, int chain_depth = 0);
   // Creates an empty image (monolithicSparse or streamOptimized).
   static Result<void> create(const std::string& path, const VmdkCreateOptions& options);
   // Writes `source` as a new image of the given subformat.
@@ -59,6 +66,7 @@ private:
                                    bool progress, uint32_t parent_cid, const std::string& parent_file);
   Result<void> load(const std::string& path, int chain_depth);
   Result<void> load_parent(const std::string& descriptor, int chain_depth);
+  VmdkOpenOptions options_;
   Result<void> check_parent_cid() const;
   Result<void> read_parent(uint64_t offset, std::span<uint8_t> out);
   Result<void> read_extent(ExtentInfo& e, uint64_t offset, std::span<uint8_t> out);
