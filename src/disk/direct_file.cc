@@ -29,9 +29,16 @@ struct BounceBuffer {
 };
 thread_local BounceBuffer t_bounce;
 
-bool is_aligned(const void* p, uint64_t offset, uint64_t length) {
-  return reinterpret_cast<uintptr_t>(p) % DirectFile::kAlign == 0 && offset % DirectFile::kAlign == 0 &&
-         length % DirectFile::kAlign == 0;
+// The aligned blocks [start, end) around the first piece of a request (at most kPieceMax bytes).
+struct Piece {
+  uint64_t start, in, length, end;
+};
+Piece piece_of(uint64_t offset, uint64_t len) {
+  uint64_t start = offset / DirectFile::kAlign * DirectFile::kAlign;
+  uint64_t in = offset - start;
+  uint64_t n = std::min<uint64_t>(len, kPieceMax - in);
+  uint64_t end = (offset + n + DirectFile::kAlign - 1) / DirectFile::kAlign * DirectFile::kAlign;
+  return {start, in, n, end};
 }
 
 Result<void> io_error(const char* op, uint64_t offset, size_t len) {
@@ -81,6 +88,8 @@ Result<void> write_aligned(int fd, const uint8_t* buf, size_t len, uint64_t offs
 
 }  // namespace
 
+uint8_t* DirectFile::bounce_buffer(size_t n) { return t_bounce.get(n); }
+
 Result<UniqueFd> DirectFile::open(const std::string& path, int flags) {
   auto fd = UniqueFd::open(path, flags | O_DIRECT);
   if (!fd && fd.error().code() == EINVAL)
@@ -93,14 +102,12 @@ Result<UniqueFd> DirectFile::open(const std::string& path, int flags) {
 Result<void> DirectFile::read(int fd, uint8_t* buf, size_t len, uint64_t offset) {
   if (is_aligned(buf, offset, len)) return read_aligned(fd, buf, len, offset);
   while (len > 0) {
-    uint64_t a = offset / kAlign * kAlign;
-    uint64_t in = offset - a;
-    size_t n = static_cast<size_t>(std::min<uint64_t>(len, kPieceMax - in));
-    uint64_t b = (offset + n + kAlign - 1) / kAlign * kAlign;
-    uint8_t* bounce = t_bounce.get(b - a);
+    Piece p = piece_of(offset, len);
+    size_t n = static_cast<size_t>(p.length);
+    uint8_t* bounce = t_bounce.get(p.end - p.start);
     if (!bounce) return fail(ENOMEM, "direct I/O bounce buffer");
-    TRY(read_aligned(fd, bounce, b - a, a));
-    std::memcpy(buf, bounce + in, n);
+    TRY(read_aligned(fd, bounce, p.end - p.start, p.start));
+    std::memcpy(buf, bounce + p.in, n);
     buf += n;
     offset += n;
     len -= n;
@@ -114,23 +121,21 @@ Result<void> DirectFile::write(int fd, const uint8_t* buf, size_t len, uint64_t 
     return write_aligned(fd, buf, len, offset);
   }
   while (len > 0) {
-    uint64_t a = offset / kAlign * kAlign;
-    uint64_t in = offset - a;
-    size_t n = static_cast<size_t>(std::min<uint64_t>(len, kPieceMax - in));
-    uint64_t b = (offset + n + kAlign - 1) / kAlign * kAlign;
-    uint8_t* bounce = t_bounce.get(b - a);
+    Piece p = piece_of(offset, len);
+    size_t n = static_cast<size_t>(p.length);
+    uint64_t span = p.end - p.start;
+    uint8_t* bounce = t_bounce.get(span);
     if (!bounce) return fail(ENOMEM, "direct I/O bounce buffer");
-    bool whole_blocks = in == 0 && n == b - a;
-    if (whole_blocks) {
+    if (p.in == 0 && n == span) {
       // Only the buffer is misaligned: copy, no read.
       std::memcpy(bounce, buf, n);
       std::shared_lock lock(rmw_mutex_);
-      TRY(write_aligned(fd, bounce, n, a));
+      TRY(write_aligned(fd, bounce, n, p.start));
     } else {
       std::unique_lock lock(rmw_mutex_);
-      TRY(read_aligned(fd, bounce, b - a, a));
-      std::memcpy(bounce + in, buf, n);
-      TRY(write_aligned(fd, bounce, b - a, a));
+      TRY(read_aligned(fd, bounce, span, p.start));
+      std::memcpy(bounce + p.in, buf, n);
+      TRY(write_aligned(fd, bounce, span, p.start));
     }
     buf += n;
     offset += n;

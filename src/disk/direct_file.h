@@ -26,6 +26,13 @@ public:
   // says so and what to do instead.
   static Result<UniqueFd> open(const std::string& path, int flags);
 
+  // Whether a request can go to an O_DIRECT file as it is.
+  static bool is_aligned(const void* buf, uint64_t offset, uint64_t length) {
+    return reinterpret_cast<uintptr_t>(buf) % kAlign == 0 && offset % kAlign == 0 && length % kAlign == 0;
+  }
+  // This thread's kAlign-aligned bounce buffer of at least n bytes (nullptr when out of memory).
+  static uint8_t* bounce_buffer(size_t n);
+
   // Reads `len` bytes at `offset`; bytes past the end of the file read as zeros.
   Result<void> read(int fd, uint8_t* buf, size_t len, uint64_t offset);
   // Writes `len` bytes at `offset`. A partly covered last block past the end of the file is written

@@ -19,18 +19,16 @@
 #include "base/log.h"
 #include "disk/endian.h"
 #include "disk/image_internal.h"
+#include "disk/qcow2_layout.h"
 
 namespace keel::disk {
 
 namespace {
 
+using namespace qcow2;
+
 constexpr uint32_t kMagic = 0x514649fb;
-constexpr uint64_t kOflagCopied = 1ULL << 63;
-constexpr uint64_t kOflagCompressed = 1ULL << 62;
 constexpr uint64_t kOflagZero = 1ULL;
-constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
-constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
-constexpr uint64_t kRtOffsetMask = 0xfffffffffffffe00ULL;
 constexpr uint64_t kMaxL1Bytes = 32ULL << 20;     // as qemu: QCOW_MAX_L1_SIZE
 constexpr uint64_t kMaxRefTableBytes = 8ULL << 20;  // QCOW_MAX_REFTABLE_SIZE
 constexpr uint32_t kExtEnd = 0;

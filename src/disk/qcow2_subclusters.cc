@@ -14,15 +14,14 @@
 
 #include "disk/endian.h"
 #include "disk/qcow2_image.h"
+#include "disk/qcow2_layout.h"
 
 namespace keel::disk {
 
 namespace {
 
-constexpr uint64_t kOflagCopied = 1ULL << 63;
-constexpr uint64_t kOflagCompressed = 1ULL << 62;
-constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
-constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
+using namespace qcow2;
+
 constexpr uint64_t kAllAllocated = 0xffffffffULL;
 constexpr uint64_t kAllZero = kAllAllocated << 32;
 

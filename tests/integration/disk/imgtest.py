@@ -1,7 +1,10 @@
 """What the disk integration scripts share: running tools, counting checks, and the closing
 'N passed, N failed' line."""
+import json
 import os
+import socket
 import subprocess
+import time
 
 _failures = []
 _passed = 0
@@ -75,3 +78,30 @@ def direct_io_dir(tmp):
     run("mount", "-o", "loop", image, mnt)
     atexit.register(lambda: subprocess.run(["umount", mnt]))
     return mnt
+
+
+def wait_unix(path):
+    """Waits until something accepts connections on a unix socket (5 s at most)."""
+    for _ in range(250):
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.close()
+            return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def map_shape(map_json):
+    """`map --output=json` text without host offsets, adjacent extents of one kind merged: what
+    allocation looks like, whichever tool laid the image out."""
+    out = []
+    for e in json.loads(map_json):
+        e.pop("offset", None)
+        if out and all(out[-1][k] == e[k] for k in ("depth", "present", "zero", "data")) and \
+                out[-1]["start"] + out[-1]["length"] == e["start"]:
+            out[-1]["length"] += e["length"]
+        else:
+            out.append(e)
+    return out

@@ -4,28 +4,14 @@ backing chain, bench -t none and --nocache (-n) writes, serve --cache=none under
 check is clean and compare identical. A file system without O_DIRECT gives a clear error."""
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imgtest import run, expect, finish, direct_io_dir  # noqa: E402
+from imgtest import run, expect, finish, wait_unix, direct_io_dir  # noqa: E402
 
 KEEL = sys.argv[1]
-
-
-def wait_unix(path):
-    for _ in range(250):
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            s.close()
-            return True
-        except OSError:
-            time.sleep(0.02)
-    return False
 
 
 def clean_and_same(image, reference, label):

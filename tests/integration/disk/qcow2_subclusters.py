@@ -10,29 +10,15 @@ subcluster-granular allocation (host offsets aside). `create` and `convert -o ex
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imgtest import run, expect, finish  # noqa: E402
+from imgtest import run, expect, finish, wait_unix, map_shape  # noqa: E402
 
 KEEL = sys.argv[1]
 SIZE = 5 << 20 | 3 << 9  # not a multiple of any cluster size: the short last cluster counts too
-
-
-def wait_unix(path):
-    for _ in range(250):
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            s.close()
-            return True
-        except OSError:
-            time.sleep(0.02)
-    return False
 
 
 def random_ops(rng, cluster_size, count):
@@ -91,19 +77,6 @@ def keel_io(tmp, image, ops):
             server.wait()
 
 
-def shape(image):
-    """qemu-img map without host offsets, adjacent equal extents merged."""
-    out = []
-    for e in json.loads(run("qemu-img", "map", "--output=json", image).stdout):
-        e.pop("offset", None)
-        if out and all(out[-1][k] == e[k] for k in ("depth", "present", "zero", "data")) and \
-                out[-1]["start"] + out[-1]["length"] == e["start"]:
-            out[-1]["length"] += e["length"]
-        else:
-            out.append(e)
-    return out
-
-
 def same_image(mine, ref, label):
     p = run("qemu-img", "check", mine, check=False)
     expect(p.returncode == 0, f"{label}: qemu-img check clean: {p.stdout.strip()[-300:]} {p.stderr.strip()[-200:]}")
@@ -111,7 +84,8 @@ def same_image(mine, ref, label):
     expect(p.returncode == 0, f"{label}: keel-img check clean: {p.stdout.strip()[-300:]} {p.stderr.strip()[-200:]}")
     p = run("qemu-img", "compare", mine, ref, check=False)
     expect(p.returncode == 0, f"{label}: qemu-img compare identical: {p.stdout.strip()} {p.stderr.strip()}")
-    a, b = shape(mine), shape(ref)
+    a = map_shape(run("qemu-img", "map", "--output=json", mine).stdout)
+    b = map_shape(run("qemu-img", "map", "--output=json", ref).stdout)
     if a != b:
         for x, y in zip(a, b):
             if x != y:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imgtest import run, expect, finish  # noqa: E402
+from imgtest import run, expect, finish, map_shape  # noqa: E402
 
 KEEL = sys.argv[1]
 SIZE = 5 << 20
@@ -38,18 +38,6 @@ def raw_bytes(tool, image, tmp):
         return f.read(), ""
 
 
-def shape(text):
-    out = []
-    for e in json.loads(text):
-        e.pop("offset", None)
-        if out and all(out[-1][k] == e[k] for k in ("depth", "present", "zero", "data")) and \
-                out[-1]["start"] + out[-1]["length"] == e["start"]:
-            out[-1]["length"] += e["length"]
-        else:
-            out.append(e)
-    return out
-
-
 def reads_like_qemu(image, tmp, label):
     ref, _ = raw_bytes("qemu-img", image, tmp)
     mine, err = raw_bytes(KEEL, image, tmp)
@@ -58,7 +46,7 @@ def reads_like_qemu(image, tmp, label):
         expect(mine == ref, f"{label}: keel-img reads what qemu-img reads")
     qm = run("qemu-img", "map", "--output=json", image).stdout
     km = run(KEEL, "map", "--output=json", image, check=False).stdout
-    expect(km and shape(km) == shape(qm), f"{label}: map shows the same layers as qemu-img map")
+    expect(km and map_shape(km) == map_shape(qm), f"{label}: map shows the same layers as qemu-img map")
 
 
 def fails_clearly(image, words, label):
