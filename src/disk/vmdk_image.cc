@@ -6,6 +6,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -128,10 +129,11 @@ struct VmdkImage::ExtentInfo {
   uint64_t length = 0;   // bytes
   std::string path;
   UniqueFd fd;
-  uint64_t file_size = 0;
+  std::atomic<uint64_t> file_size = 0;  // grows as writes allocate grains
   uint64_t flat_offset = 0;  // bytes into the file (FLAT)
   SparseHeader header;
   std::vector<uint32_t> gd;                          // grain directory (sectors of grain tables)
+  std::vector<uint32_t> rgd;                         // redundant directory (writable images with one)
   std::map<uint64_t, std::vector<uint32_t>> tables;  // loaded grain tables
   std::mutex mutex;                                  // guards `tables`
 };
@@ -140,15 +142,77 @@ VmdkImage::~VmdkImage() = default;
 
 Result<std::unique_ptr<VmdkImage>> VmdkImage::open(const std::string& path, OpenMode mode,
                                                    const VmdkOpenOptions& options, int chain_depth) {
-  if (mode == OpenMode::ReadWrite)
-    return fail(EROFS, path + ": VMDK images open read-only (convert them to qcow2 to write)");
   if (chain_depth > kMaxChainDepth)
     return fail_invalid("{}: VMDK parent chain is deeper than {} images (a loop?)", path, kMaxChainDepth);
   std::unique_ptr<VmdkImage> image(new VmdkImage());
   image->path_ = path;
   image->options_ = options;
   TRY(image->load(path, chain_depth));
+  if (mode == OpenMode::ReadWrite) TRY(image->make_writable());
   return image;
+}
+
+// Writes go to monolithicSparse images only (one uncompressed sparse extent with its descriptor
+// inside), as qemu writes them: what delta links are made of.
+Result<void> VmdkImage::make_writable() {
+  ExtentInfo* e = extents_.size() == 1 ? extents_[0].get() : nullptr;
+  if (!e || e->kind != ExtentInfo::Kind::Sparse || (e->header.flags & kFlagCompressed) || !e->header.desc_offset)
+    return fail(EROFS, fmt::format("{}: only monolithicSparse VMDK images open for writing ({} opens read-only; "
+                                   "convert it to write)", path_, create_type_));
+  e->fd = TRY(UniqueFd::open(path_, O_RDWR));
+  if ((e->header.flags & kFlagRgd) && e->header.rgd_offset) {
+    uint64_t off = e->header.rgd_offset * 512, bytes = e->gd.size() * 4;
+    if (off > e->file_size || bytes > e->file_size - off)
+      return fail_invalid("{}: VMDK redundant grain directory lies outside the file", path_);
+    std::vector<uint8_t> buf(bytes);
+    if (bytes) TRY(pread_all(e->fd.get(), buf.data(), bytes, static_cast<off_t>(off)));
+    e->rgd.resize(e->gd.size());
+    for (size_t i = 0; i < e->rgd.size(); ++i) e->rgd[i] = load_le32(buf.data() + i * 4);
+  }
+  uint64_t grain = e->header.grain_size;
+  next_grain_sector_ = ((e->file_size + 511) / 512 + grain - 1) / grain * grain;
+  read_only_ = false;
+  return ok();
+}
+
+// As qemu does before an image's first write: a new CID, so deltas made on top of it notice.
+Result<void> VmdkImage::renew_cid() {
+  ExtentInfo& e = *extents_[0];
+  uint64_t off = e.header.desc_offset * 512;
+  uint64_t len = std::min<uint64_t>(e.header.desc_size * 512, 64 << 10);
+  if (off > e.file_size || len > e.file_size - off) return fail_invalid("{}: VMDK descriptor lies outside the file", path_);
+  std::string text(len, '\0');
+  TRY(pread_all(e.fd.get(), text.data(), len, static_cast<off_t>(off)));
+  for (size_t p = 0; p + 12 <= text.size(); p = text.find('\n', p) + 1) {
+    if (text.compare(p, 4, "CID=") == 0) {
+      std::random_device entropy;
+      uint32_t cid = entropy();
+      std::string hex = fmt::format("{:08x}", cid);
+      TRY(pwrite_all(e.fd.get(), hex.data(), 8, static_cast<off_t>(off + p + 4)));
+      cid_ = cid;
+      cid_renewed_ = true;
+      return ok();
+    }
+    if (text.find('\n', p) == std::string::npos) break;
+  }
+  return fail_invalid("{}: VMDK descriptor has no CID line to update", path_);
+}
+
+Result<void> VmdkImage::set_grain_sector(uint64_t grain, uint32_t sector) {
+  ExtentInfo& e = *extents_[0];
+  uint64_t gt_index = grain / e.header.gtes_per_gt;
+  uint64_t slot = (grain % e.header.gtes_per_gt) * 4;
+  if (gt_index >= e.gd.size() || e.gd[gt_index] == 0)
+    return fail(ENOTSUP, fmt::format("{}: grain {} has no grain table to record it in", path_, grain));
+  uint8_t entry[4];
+  store_le32(entry, sector);
+  TRY(pwrite_all(e.fd.get(), entry, 4, static_cast<off_t>(uint64_t{e.gd[gt_index]} * 512 + slot)));
+  if (gt_index < e.rgd.size() && e.rgd[gt_index])
+    TRY(pwrite_all(e.fd.get(), entry, 4, static_cast<off_t>(uint64_t{e.rgd[gt_index]} * 512 + slot)));
+  std::lock_guard lock(e.mutex);
+  auto it = e.tables.find(gt_index);
+  if (it != e.tables.end()) it->second[grain % e.header.gtes_per_gt] = sector;
+  return ok();
 }
 
 Result<void> VmdkImage::load_parent(const std::string& descriptor, int chain_depth) {
@@ -379,7 +443,7 @@ Result<void> VmdkImage::read_extent(ExtentInfo& e, uint64_t offset, std::span<ui
         TRY(pread_all(e.fd.get(), m, 12, static_cast<off_t>(off)));
         csize = load_le32(m + 8);
       } else {
-        csize = static_cast<uint32_t>(std::min<uint64_t>(grain_bytes * 2 + 1024, e.file_size - std::min(off, e.file_size)));
+        csize = static_cast<uint32_t>(std::min<uint64_t>(grain_bytes * 2 + 1024, e.file_size - std::min<uint64_t>(off, e.file_size)));
       }
       if (csize == 0 || csize > grain_bytes * 2 + 1024 || off + header > e.file_size ||
           csize > e.file_size - off - header)
@@ -416,11 +480,65 @@ Result<void> VmdkImage::read(uint64_t offset, std::span<uint8_t> out) {
   return ok();
 }
 
-Result<void> VmdkImage::write(uint64_t, std::span<const uint8_t>) {
-  return fail(EROFS, "write " + path_ + ": VMDK images are read-only");
+Result<void> VmdkImage::write(uint64_t offset, std::span<const uint8_t> data) {
+  if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
+  if (offset > size_ || data.size() > size_ - offset)
+    return fail_invalid("write {}: range {}+{} is beyond the end of the disk ({} bytes)", path_, offset, data.size(), size_);
+  TRY(check_parent_cid());
+  std::lock_guard lock(write_mutex_);
+  if (!cid_renewed_) TRY(renew_cid());
+  ExtentInfo& e = *extents_[0];
+  uint64_t grain_bytes = e.header.grain_size * 512;
+  thread_local std::vector<uint8_t> grain_buf;
+  uint64_t done = 0;
+  while (done < data.size()) {
+    uint64_t pos = offset + done;
+    uint64_t grain = pos / grain_bytes;
+    uint64_t in_grain = pos % grain_bytes;
+    uint64_t n = std::min<uint64_t>(grain_bytes - in_grain, data.size() - done);
+    uint32_t sector = TRY(grain_sector(e, grain));
+    if (sector > 1) {
+      uint64_t off = uint64_t{sector} * 512 + in_grain;
+      if (off > e.file_size || n > e.file_size - off)
+        return fail_invalid("{}: grain {} at sector {} lies outside the file", path_, grain, sector);
+      TRY_CTX(pwrite_all(e.fd.get(), data.data() + done, n, static_cast<off_t>(off)), "write " + path_);
+    } else {
+      // A new grain at the end of the file. What the write does not cover keeps what it reads as
+      // now: the parent's data for an unallocated grain, zeros for a zero grain.
+      if (grain_buf.size() < grain_bytes) grain_buf.resize(grain_bytes);
+      std::span<uint8_t> whole(grain_buf.data(), grain_bytes);
+      if (n < grain_bytes) {
+        if (sector == 0) TRY(read_parent(grain * grain_bytes, whole));
+        else std::memset(whole.data(), 0, grain_bytes);
+      }
+      std::memcpy(whole.data() + in_grain, data.data() + done, n);
+      uint64_t at = next_grain_sector_;
+      if (at + e.header.grain_size > 0xffffffffULL) return fail(EFBIG, path_ + ": VMDK image would exceed 2 TiB of sectors");
+      TRY_CTX(pwrite_all(e.fd.get(), whole.data(), grain_bytes, static_cast<off_t>(at * 512)), "write " + path_);
+      next_grain_sector_ = at + e.header.grain_size;
+      e.file_size = std::max<uint64_t>(e.file_size, next_grain_sector_ * 512);
+      // The table entry after the data: a crash in between leaks a grain, never exposes garbage.
+      TRY(set_grain_sector(grain, static_cast<uint32_t>(at)));
+    }
+    done += n;
+  }
+  return ok();
 }
-Result<void> VmdkImage::write_zeroes(uint64_t, uint64_t) {
-  return fail(EROFS, "write " + path_ + ": VMDK images are read-only");
+
+Result<void> VmdkImage::write_zeroes(uint64_t offset, uint64_t length) {
+  std::vector<uint8_t> zeros(std::min<uint64_t>(length, 1 << 20), 0);
+  for (uint64_t pos = offset; pos < offset + length;) {
+    uint64_t n = std::min<uint64_t>(zeros.size(), offset + length - pos);
+    TRY(write(pos, std::span<const uint8_t>(zeros.data(), n)));
+    pos += n;
+  }
+  return ok();
+}
+
+Result<void> VmdkImage::flush() {
+  if (read_only_) return ok();
+  if (::fdatasync(extents_[0]->fd.get()) < 0) return fail_errno("fdatasync " + path_);
+  return ok();
 }
 
 Result<std::vector<Extent>> VmdkImage::block_status(uint64_t offset, uint64_t length) {

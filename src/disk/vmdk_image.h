@@ -3,8 +3,12 @@
 // writes streamOptimized (and monolithicSparse) by converting from another image. Delta links (a
 // descriptor's parentFileNameHint and parentCID) open as a backing chain: unallocated grains read
 // from the parent, which must be a VMDK whose CID is the child's parentCID, as qemu checks it.
+// monolithicSparse images (deltas included) also open read-write: a write to an unallocated grain
+// appends a grain filled from the parent, then records it in the grain table (and its redundant
+// copy); the first write gives the image a new CID, as qemu does.
 #pragma once
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -40,7 +44,7 @@ public:
 
   ~VmdkImage() override;
   uint64_t size() const override { return size_; }
-  bool read_only() const override { return true; }
+  bool read_only() const override { return read_only_; }
   std::string format() const override { return "vmdk"; }
   const std::string& create_type() const { return create_type_; }
   uint32_t cid() const { return cid_; }
@@ -52,7 +56,7 @@ public:
 
   Result<void> read(uint64_t offset, std::span<uint8_t> out) override;
   Result<void> write(uint64_t offset, std::span<const uint8_t> data) override;
-  Result<void> flush() override { return ok(); }
+  Result<void> flush() override;
   Result<void> discard(uint64_t, uint64_t) override { return ok(); }
   Result<void> write_zeroes(uint64_t offset, uint64_t length) override;
   Result<std::vector<Extent>> block_status(uint64_t offset, uint64_t length) override;
@@ -69,6 +73,9 @@ private:
   VmdkOpenOptions options_;
   Result<void> check_parent_cid() const;
   Result<void> read_parent(uint64_t offset, std::span<uint8_t> out);
+  Result<void> make_writable();
+  Result<void> renew_cid();
+  Result<void> set_grain_sector(uint64_t grain, uint32_t sector);
   Result<void> read_extent(ExtentInfo& e, uint64_t offset, std::span<uint8_t> out);
 
   std::string path_;
@@ -80,6 +87,10 @@ private:
   std::string parent_hint_;
   std::string parent_resolved_;
   std::unique_ptr<BlockDevice> parent_;
+  bool read_only_ = true;
+  std::mutex write_mutex_;  // writes are serialized (grain allocation, table entries)
+  uint64_t next_grain_sector_ = 0;
+  bool cid_renewed_ = false;
 };
 
 }  // namespace keel::disk

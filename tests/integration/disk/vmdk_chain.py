@@ -12,11 +12,12 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imgtest import run, expect, finish, map_shape  # noqa: E402
+from imgtest import run, expect, finish, map_shape, wait_unix  # noqa: E402
 
 KEEL = sys.argv[1]
 SIZE = 5 << 20
@@ -47,6 +48,28 @@ def reads_like_qemu(image, tmp, label):
     qm = run("qemu-img", "map", "--output=json", image).stdout
     km = run(KEEL, "map", "--output=json", image, check=False).stdout
     expect(km and map_shape(km) == map_shape(qm), f"{label}: map shows the same layers as qemu-img map")
+
+
+def keel_writes(tmp, image, cmds):
+    """qemu-io's commands reach keel's VMDK driver through keel-img serve (NBD)."""
+    sock = os.path.join(tmp, "nbd.sock")
+    server = subprocess.Popen([KEEL, "serve", "-t", "--socket", sock, image], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        if not wait_unix(sock):
+            _, err = server.communicate(timeout=10)
+            return err.strip()
+        args = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            args += ["-c", c]
+        p = run(*args, f"nbd+unix:///?socket={sock}", check=False)
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+        return "" if p.returncode == 0 and server.returncode == 0 else (p.stderr + err).strip()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
 
 def fails_clearly(image, words, label):
@@ -108,6 +131,31 @@ def main():
         p = run(KEEL, "create", "-f", "vmdk", "-b", "src.raw", "-F", "raw", os.path.join(tmp, "x.vmdk"), check=False)
         expect(p.returncode != 0 and "VMDK" in p.stderr, f"a raw parent is refused: {p.stderr.strip()}")
 
+        # keel-img writes into deltas (qemu's and its own) as qemu-io writes into copies of them.
+        writes = ["write -P 0x71 1000 3000", "write -P 0x72 65536 65536", "write -P 0x73 100000 300000",
+                  "write -z 1048576 70000", f"write -P 0x74 {SIZE - 4304} 4304"]
+        for name, source in [("qemu-made delta", os.path.join(tmp, "monolithicSparse", "child.vmdk")), ("keel-made delta", mine)]:
+            d = os.path.dirname(source)
+            ref = os.path.join(d, "wref.vmdk")
+            out = os.path.join(d, "wkeel.vmdk")
+            shutil.copy(source, ref)
+            shutil.copy(source, out)
+            qemu_io(ref, *writes)
+            err = keel_writes(tmp, out, writes)
+            expect(err == "", f"{name}: keel-img serve takes the writes: {err}")
+            p = run("qemu-img", "check", out, check=False)
+            expect(p.returncode == 0, f"{name}: qemu-img check after keel's writes: {p.stdout.strip()} {p.stderr.strip()}")
+            p = run("qemu-img", "compare", ref, out, check=False)
+            expect(p.returncode == 0, f"{name}: identical to qemu-io's writes: {p.stdout.strip()}")
+            reads_like_qemu(out, tmp, f"{name} written by keel")
+            cids = [json.loads(run("qemu-img", "info", "--output=json", x).stdout)["format-specific"]["data"]["cid"]
+                    for x in (source, out)]
+            expect(cids[0] != cids[1], f"{name}: the first write gives the image a new CID, as qemu does")
+        stream = os.path.join(tmp, "stream.vmdk")
+        run("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, stream)
+        err = keel_writes(tmp, stream, ["write 0 512"])
+        expect("monolithicSparse" in err, f"a streamOptimized image is refused for writing, clearly: {err}")
+
         # Hostile chains.
         with open(mine, "rb") as f:
             child_bytes = f.read()
@@ -134,7 +182,15 @@ def main():
         run("qemu-img", "create", "-q", "-f", "qcow2", os.path.join(tmp, "q.qcow2"), str(SIZE))
         fails_clearly(variant("qparent.vmdk", 'parentFileNameHint="base.vmdk"', 'parentFileNameHint="q.qcow2"'),
                       ["q.qcow2"], "a qcow2 parent")
-        # The parent changes after the child was made: its CID changes, reads stop, as in qemu.
+        # The parent changes after the child was made: its CID changes, reads stop, as in qemu;
+        # whether qemu-io or keel-img wrote it.
+        keel_base = os.path.join(tmp, "monolithicSparse", "base.vmdk")
+        err = keel_writes(tmp, keel_base, ["write -P 0x62 0 512"])
+        expect(err == "", f"keel-img writes the base: {err}")
+        fails_clearly(os.path.join(tmp, "monolithicSparse", "child.vmdk"), ["CID"], "parent written by keel-img")
+        p = run("qemu-img", "convert", "-O", "raw", os.path.join(tmp, "monolithicSparse", "child.vmdk"),
+                os.path.join(tmp, "x.raw"), check=False, timeout=60)
+        expect(p.returncode != 0, "qemu-img too sees that keel-img changed the parent")
         qemu_io(base, "write -P 0x61 0 512")
         fails_clearly(mine, ["CID"], "parent written after the child was made")
     return finish()
