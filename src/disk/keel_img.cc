@@ -1075,7 +1075,7 @@ int cmd_measure(int argc, char** argv) {
       // As qemu's qcow2_calc_prealloc_size: header, L2 tables, L1 table, refcount structures.
       uint64_t aligned = (virtual_size + cs - 1) / cs * cs;
       uint64_t total = cs;  // header
-      uint64_t l2_entries = cs / 8;
+      uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
       uint64_t l2_tables = (aligned / cs + l2_entries - 1) / l2_entries;
       total += l2_tables * cs;
       uint64_t l1 = (l2_tables * 8 + cs - 1) / cs * cs;

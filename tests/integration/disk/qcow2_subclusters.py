@@ -160,6 +160,13 @@ def main():
             p = run("qemu-img", "check", out, check=False)
             expect(p.returncode == 0, f"writes into compressed clusters: check clean: {p.stdout.strip()[-200:]}")
 
+        # measure counts 16-byte L2 entries.
+        for opts in ["extended_l2=on", "extended_l2=on,cluster_size=16k", "extended_l2=on,cluster_size=2M"]:
+            for size in ["10G", "1T"]:
+                q = json.loads(run("qemu-img", "measure", "-O", "qcow2", "-o", opts, "--size", size, "--output=json").stdout)
+                k = json.loads(run(KEEL, "measure", "-O", "qcow2", "-o", opts, "--size", size, "--output=json").stdout)
+                expect(all(q[x] == k.get(x) for x in q), f"measure -o {opts} --size {size}: {k} == qemu's {q}")
+
         # Clusters too small for subclusters are refused clearly, as qemu-img refuses them.
         p = run(KEEL, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=8192", out, "1M", check=False)
         expect(p.returncode != 0 and "16 KiB" in p.stderr, f"8 KiB clusters refused: {p.stderr.strip()}")
