@@ -183,17 +183,24 @@ Result<void> VmdkImage::renew_cid() {
   if (off > e.file_size || len > e.file_size - off) return fail_invalid("{}: VMDK descriptor lies outside the file", path_);
   std::string text(len, '\0');
   TRY(pread_all(e.fd.get(), text.data(), len, static_cast<off_t>(off)));
-  for (size_t p = 0; p + 12 <= text.size(); p = text.find('\n', p) + 1) {
-    if (text.compare(p, 4, "CID=") == 0) {
-      std::random_device entropy;
-      uint32_t cid = entropy();
-      std::string hex = fmt::format("{:08x}", cid);
-      TRY(pwrite_all(e.fd.get(), hex.data(), 8, static_cast<off_t>(off + p + 4)));
-      cid_ = cid;
-      cid_renewed_ = true;
-      return ok();
+  for (size_t p = 0; p < text.size(); p = text.find('\n', p) + 1) {
+    size_t eol = text.find('\n', p);
+    if (eol == std::string::npos) break;
+    if (text.compare(p, 4, "CID=") != 0) continue;
+    // The whole line is rewritten: qemu writes CIDs without leading zeros, so the old value may
+    // be shorter than ours, and what follows moves.
+    std::random_device entropy;
+    uint32_t cid = entropy();
+    std::string updated = text.substr(0, p) + fmt::format("CID={:08x}", cid) + text.substr(eol);
+    if (updated.size() > len) {
+      if (updated.find_first_not_of('\0', len) != std::string::npos)
+        return fail_invalid("{}: no room in the VMDK descriptor for a new CID", path_);
     }
-    if (text.find('\n', p) == std::string::npos) break;
+    updated.resize(len, '\0');
+    TRY(pwrite_all(e.fd.get(), updated.data(), updated.size(), static_cast<off_t>(off)));
+    cid_ = cid;
+    cid_renewed_ = true;
+    return ok();
   }
   return fail_invalid("{}: VMDK descriptor has no CID line to update", path_);
 }

@@ -151,6 +151,25 @@ def main():
             cids = [json.loads(run("qemu-img", "info", "--output=json", x).stdout)["format-specific"]["data"]["cid"]
                     for x in (source, out)]
             expect(cids[0] != cids[1], f"{name}: the first write gives the image a new CID, as qemu does")
+        # qemu writes CIDs with "%x": a CID with a leading zero nibble is only 7 digits long. The
+        # line is rewritten whole, so the parentCID line after it survives keel's CID renewal.
+        short = os.path.join(tmp, "short-cid.vmdk")
+        with open(mine, "rb") as f:
+            data = bytearray(f.read())
+        start = data.index(b"# Disk DescriptorFile")
+        line = data.index(b"\nCID=", start) + 1
+        eol = data.index(b"\n", line)
+        end = data.index(b"\0", start)
+        text = bytes(data[start:line]) + b"CID=1234567" + bytes(data[eol:end])
+        data[start:end] = text + b"\0" * (end - start - len(text))
+        with open(short, "wb") as f:
+            f.write(data)
+        err = keel_writes(tmp, short, ["write -P 0x75 0 4096"])
+        expect(err == "", f"write into a delta whose CID has 7 digits: {err}")
+        reads_like_qemu(short, tmp, "delta whose 7-digit CID keel renewed")
+        p = run("qemu-img", "check", short, check=False)
+        expect(p.returncode == 0, f"7-digit CID renewed: qemu-img check: {p.stdout.strip()} {p.stderr.strip()}")
+
         stream = os.path.join(tmp, "stream.vmdk")
         run("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, stream)
         err = keel_writes(tmp, stream, ["write 0 512"])
