@@ -187,6 +187,23 @@ def main():
                 print(f"{'  lazy refcounts gain (off/on)':<34} qemu {off[0] / on[0]:5.2f}x   keel {off[1] / on[1]:5.2f}x")
         finally:
             shutil.rmtree(sync_tmp, ignore_errors=True)
+        # cache=none (O_DIRECT): needs a file system that takes it (tmpfs does since Linux 6.6).
+        case("convert -t none raw->qcow2", ["convert", "-t", "none", "-O", "qcow2", raw, out],
+             ["convert", "-t", "none", "-O", "qcow2", raw, out], rm_out)
+        case("convert -T none qcow2->raw", ["convert", "-T", "none", "-O", "raw", q, out],
+             ["convert", "-T", "none", "-O", "raw", q, out], rm_out)
+        case("bench 4k read -t none", ["bench", "-t", "none", "-c", "100000", "-d", "16", "-s", "4k", "-S", "1052672", q],
+             ["bench", "-t", "none", "-c", "100000", "-d", "16", "-s", "4k", "-S", "1052672", q])
+        case("bench 4k write -t none",
+             ["bench", "-t", "none", "-w", "-c", "50000", "-d", "16", "-s", "4k", "-S", "1052672", bw],
+             ["bench", "-t", "none", "-w", "-c", "50000", "-d", "16", "-s", "4k", "-S", "1052672", bw], reset_bench)
+        # Extended L2: 4k writes into a fresh image with 64 KiB clusters allocate one subcluster
+        # (2 KiB) pair each; copy-on-write is nothing (no backing file).
+        xl = os.path.join(tmp, "xl.qcow2")
+        fresh_xl = lambda _which: subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on",
+                                                  xl, f"{args.size}M"], check=True)
+        case("bench 4k write extended_l2", ["bench", "-w", "-c", "50000", "-d", "16", "-s", "4k", "-S", "1052672", xl],
+             ["bench", "-w", "-c", "50000", "-d", "16", "-s", "4k", "-S", "1052672", xl], fresh_xl)
         if not only or any("serve" in o for o in only):
             if shutil.which("qemu-nbd"):
                 for r in bench_serve(keel, tmp, q, args.repeat):

@@ -48,20 +48,28 @@ Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, OpenMod
   return open_image_internal(path, mode, format, 0);
 }
 
+Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, OpenMode mode,
+                                                std::optional<ImageFormat> format, CacheMode cache) {
+  return open_image_internal(path, mode, format, 0, cache);
+}
+
 Result<std::unique_ptr<BlockDevice>> open_image_internal(const std::string& path, OpenMode mode,
-                                                         std::optional<ImageFormat> format, int depth) {
+                                                         std::optional<ImageFormat> format, int depth,
+                                                         CacheMode cache) {
   ImageFormat fmt = format ? *format : TRY(probe_format(path));
   switch (fmt) {
     case ImageFormat::Raw: {
-      auto raw = TRY(RawImage::open(path, mode));
+      auto raw = TRY(cache == CacheMode::None ? RawImage::open_direct(path, mode) : RawImage::open(path, mode));
       return std::unique_ptr<BlockDevice>(std::move(raw));
     }
     case ImageFormat::Qcow2: {
-      auto image = TRY(Qcow2Image::open(path, mode, {}, depth));
+      Qcow2OpenOptions options;
+      options.direct = cache == CacheMode::None;
+      auto image = TRY(Qcow2Image::open(path, mode, options, depth));
       return std::unique_ptr<BlockDevice>(std::move(image));
     }
     case ImageFormat::Vmdk: {
-      auto image = TRY(VmdkImage::open(path, mode));
+      auto image = TRY(VmdkImage::open(path, mode, {}, depth));
       return std::unique_ptr<BlockDevice>(std::move(image));
     }
   }

@@ -19,8 +19,14 @@ Result<ImageFormat> parse_format(const std::string& name);
 // Looks at the first bytes of the file. Errors only when the file cannot be read.
 Result<ImageFormat> probe_format(const std::string& path);
 
+// How image files meet the page cache, as qemu's cache modes: Writeback goes through it; None opens
+// the image and its backing chain with O_DIRECT (vmdk images are read through the cache either way).
+enum class CacheMode { Writeback, None };
+
 Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, OpenMode mode);
 Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, OpenMode mode,
                                                 std::optional<ImageFormat> format);
+Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, OpenMode mode,
+                                                std::optional<ImageFormat> format, CacheMode cache);
 
 }  // namespace keel::disk

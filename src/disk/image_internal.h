@@ -6,6 +6,7 @@
 namespace keel::disk {
 
 Result<std::unique_ptr<BlockDevice>> open_image_internal(const std::string& path, OpenMode mode,
-                                                         std::optional<ImageFormat> format, int depth);
+                                                         std::optional<ImageFormat> format, int depth,
+                                                         CacheMode cache = CacheMode::Writeback);
 
 }  // namespace keel::disk

@@ -51,7 +51,7 @@ void usage() {
       "  create [-f fmt] [-o options] [-b backing [-F fmt]] [-u] FILE [SIZE]\n"
       "  info [-f fmt] [--output=human|json] [--backing-chain] FILE\n"
       "  check [-f fmt] [--output=human|json] [-r leaks|all] FILE\n"
-      "  convert [-f fmt] [-O fmt] [-o options] [-c] [-B backing] [-p] [-S size] [-W] SRC DST\n"
+      "  convert [-f fmt] [-O fmt] [-o options] [-c] [-B backing] [-p] [-S size] [-W] [-t cache] [-T src_cache] SRC DST\n"
       "  compare [-f fmt] [-F fmt] [-s] FILE1 FILE2\n"
       "  map [-f fmt] [--output=human|json] FILE\n"
       "  resize [-f fmt] [--shrink] FILE [+|-]SIZE\n"
@@ -59,8 +59,8 @@ void usage() {
       "  commit [-f fmt] [-d] FILE\n"
       "  rebase [-f fmt] [-u] -b BACKING [-F fmt] FILE\n"
       "  measure [-O fmt] [-o options] (--size SIZE | [-f fmt] FILE)\n"
-      "  bench [-c count] [-d depth] [-s size] [-w] [-f fmt] [--pattern=random|sequential] FILE\n"
-      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] [-t] [-x NAME] FILE\n",
+      "  bench [-c count] [-d depth] [-s size] [-w] [-f fmt] [-t cache | -n] [--pattern=random|sequential] FILE\n"
+      "  serve [-f fmt] (--socket PATH | --port N) [--read-only] [--shared N] [-t] [-x NAME] [--cache=none|-n] FILE\n",
       stderr);
   std::exit(1);
 }
@@ -70,8 +70,16 @@ std::optional<ImageFormat> fmt_opt(const std::string& s) {
   return must(parse_format(s));
 }
 
-std::unique_ptr<BlockDevice> open_or_die(const std::string& path, OpenMode mode, const std::string& fmt) {
-  auto r = open_image(path, mode, fmt_opt(fmt));
+// qemu's cache modes: "none" and "directsync" bypass the page cache (O_DIRECT); the others use it.
+CacheMode parse_cache_mode(const std::string& mode) {
+  if (mode == "none" || mode == "directsync") return CacheMode::None;
+  if (mode == "writeback" || mode == "unsafe" || mode == "writethrough") return CacheMode::Writeback;
+  die("cache mode must be none, directsync, writeback, writethrough or unsafe, not '" + mode + "'");
+}
+
+std::unique_ptr<BlockDevice> open_or_die(const std::string& path, OpenMode mode, const std::string& fmt,
+                                         CacheMode cache = CacheMode::Writeback) {
+  auto r = open_image(path, mode, fmt_opt(fmt), cache);
   if (!r) die(r.error().message());
   return std::move(*r);
 }
@@ -156,6 +164,9 @@ void create_image(const std::string& path, ImageFormat fmt, uint64_t size,
       if (k == "subformat") vo.subformat = v;
       else die("unknown vmdk option '" + k + "'");
     }
+    if (!backing.empty() && backing_fmt != "vmdk")
+      die("a VMDK image's parent must be a VMDK image, not " + backing_fmt);
+    vo.parent_file = backing;
     must(VmdkImage::create(path, vo));
     return;
   }
@@ -216,7 +227,7 @@ int cmd_create(int argc, char** argv) {
     die("create: image size is required");
   }
   ImageFormat f = must(parse_format(fmt));
-  if (!backing.empty() && f != ImageFormat::Qcow2) die("backing files need the qcow2 format");
+  if (!backing.empty() && f == ImageFormat::Raw) die("raw images cannot have a backing file");
   create_image(path, f, size, opts, backing, backing_fmt);
   std::printf("Formatting '%s', fmt=%s size=%llu\n", path.c_str(), fmt.c_str(), static_cast<unsigned long long>(size));
   return 0;
@@ -292,7 +303,13 @@ json image_info_json(BlockDevice& dev, const std::string& path) {
     }
   }
   if (auto* v = dynamic_cast<VmdkImage*>(&dev)) {
-    j["format-specific"] = {{"type", "vmdk"}, {"data", {{"create-type", v->create_type()}}}};
+    j["format-specific"] = {{"type", "vmdk"},
+                            {"data", {{"create-type", v->create_type()}, {"cid", v->cid()}, {"parent-cid", v->parent_cid()}}}};
+    if (!v->parent_file().empty()) {
+      j["backing-filename"] = v->parent_file();
+      j["full-backing-filename"] = v->parent_path();
+      j["backing-filename-format"] = "vmdk";
+    }
   }
   j["dirty-flag"] = q ? q->dirty() : false;
   return j;
@@ -329,12 +346,17 @@ void print_info_human(BlockDevice& dev, const std::string& path) {
       std::printf("    extended l2: %s\n", q->extended_l2() ? "true" : "false");
     }
   }
-  if (auto* v = dynamic_cast<VmdkImage*>(&dev))
-    std::printf("Format specific information:\n    create type: %s\n", v->create_type().c_str());
+  if (auto* v = dynamic_cast<VmdkImage*>(&dev)) {
+    if (!v->parent_file().empty())
+      std::printf("backing file: %s\nbacking file format: vmdk\n", v->parent_file().c_str());
+    std::printf("Format specific information:\n    cid: %u\n    parent cid: %u\n    create type: %s\n", v->cid(),
+                v->parent_cid(), v->create_type().c_str());
+  }
 }
 
 enum { OPT_OUTPUT = 1000, OPT_BACKING_CHAIN, OPT_SHRINK, OPT_SIZE, OPT_SOCKET, OPT_PORT, OPT_READ_ONLY,
-       OPT_SHARED, OPT_PATTERN, OPT_FLUSH_INTERVAL, OPT_MIXED, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS };
+       OPT_SHARED, OPT_PATTERN, OPT_FLUSH_INTERVAL, OPT_MIXED, OPT_FORCE_SHARE, OPT_OBJECT, OPT_IMAGE_OPTS,
+       OPT_CACHE };
 
 int cmd_info(int argc, char** argv) {
   static option longopts[] = {{"output", required_argument, nullptr, OPT_OUTPUT},
@@ -514,6 +536,7 @@ bool is_zero(const uint8_t* p, size_t n) {
 int cmd_convert(int argc, char** argv) {
   std::string src_fmt, dst_fmt = "raw", options, target_backing, target_backing_fmt;
   bool compress = false, progress = false, safe_cache = false, direct = false;
+  CacheMode src_cache = CacheMode::Writeback;
   uint64_t sparse_size = 4096;
   int c;
   while ((c = getopt(argc, argv, "f:O:o:cB:F:pS:WqnUm:t:T:")) != -1) {
@@ -528,15 +551,16 @@ int cmd_convert(int argc, char** argv) {
       case 'S': sparse_size = must(parse_size(optarg)); break;
       case 't':
         safe_cache = std::string(optarg) != "unsafe";
-        direct = std::string(optarg) == "none" || std::string(optarg) == "directsync";
+        direct = parse_cache_mode(optarg) == CacheMode::None;
         break;
-      case 'W': case 'q': case 'n': case 'U': case 'm': case 'T': break;
+      case 'T': src_cache = parse_cache_mode(optarg); break;
+      case 'W': case 'q': case 'n': case 'U': case 'm': break;
       default: usage();
     }
   }
   if (optind + 2 != argc) usage();
   std::string src_path = argv[optind], dst_path = argv[optind + 1];
-  auto src = open_or_die(src_path, OpenMode::ReadOnly, src_fmt);
+  auto src = open_or_die(src_path, OpenMode::ReadOnly, src_fmt, src_cache);
   uint64_t size = src->size();
   ImageFormat df = must(parse_format(dst_fmt));
   auto opts = parse_options(options);
@@ -553,8 +577,7 @@ int cmd_convert(int argc, char** argv) {
   }
   create_image(dst_path, df, size, opts, target_backing, target_backing_fmt);
   std::unique_ptr<BlockDevice> dst;
-  if (direct && df == ImageFormat::Raw) dst = must(RawImage::open_direct(dst_path, OpenMode::ReadWrite));
-  else dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt);
+  dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt, direct ? CacheMode::None : CacheMode::Writeback);
   auto* qdst = dynamic_cast<Qcow2Image*>(dst.get());
   if (qdst && !safe_cache) qdst->set_unsafe_cache(true);
   auto* qbacking = qdst ? qdst->backing() : nullptr;
@@ -1059,7 +1082,7 @@ int cmd_measure(int argc, char** argv) {
       // As qemu's qcow2_calc_prealloc_size: header, L2 tables, L1 table, refcount structures.
       uint64_t aligned = (virtual_size + cs - 1) / cs * cs;
       uint64_t total = cs;  // header
-      uint64_t l2_entries = cs / 8;
+      uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
       uint64_t l2_tables = (aligned / cs + l2_entries - 1) / l2_entries;
       total += l2_tables * cs;
       uint64_t l1 = (l2_tables * 8 + cs - 1) / cs * cs;
@@ -1131,18 +1154,17 @@ int cmd_bench(int argc, char** argv) {
       case OPT_PATTERN: random = std::string(optarg) == "random"; break;
       case OPT_FLUSH_INTERVAL: flush_interval = std::strtoull(optarg, nullptr, 10); break;
       case OPT_MIXED: mixed = true; write = true; random = true; break;
-      case 't': bench_direct = std::string(optarg) == "none" || std::string(optarg) == "directsync"; break;
-      case 'i': case 'n': case 'q': case 'U': break;
+      case 't': bench_direct = parse_cache_mode(optarg) == CacheMode::None; break;
+      case 'n': bench_direct = true; break;  // --nocache
+      case 'i': case 'q': case 'U': break;
       default: usage();
     }
   }
   if (optind >= argc) usage();
   if (!step) step = size;
   std::unique_ptr<BlockDevice> dev;
-  if (bench_direct && (fmt == "raw" || (fmt.empty() && must(probe_format(argv[optind])) == ImageFormat::Raw)))
-    dev = must(RawImage::open_direct(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly));
-  else
-    dev = open_or_die(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly, fmt);
+  dev = open_or_die(argv[optind], write ? OpenMode::ReadWrite : OpenMode::ReadOnly, fmt,
+                    bench_direct ? CacheMode::None : CacheMode::Writeback);
   uint64_t slots = dev->size() > offset + size ? (dev->size() - offset - size) / size + 1 : 1;
   std::printf("Sending %llu %s requests, %llu bytes each, %llu in parallel (starting at offset %llu, step size %llu)\n",
               static_cast<unsigned long long>(count), write ? "write" : "read", static_cast<unsigned long long>(size),
@@ -1218,13 +1240,18 @@ int cmd_serve(int argc, char** argv) {
                               {"shared", required_argument, nullptr, OPT_SHARED},
                               {"persistent", no_argument, nullptr, 't'},
                               {"export-name", required_argument, nullptr, 'x'},
+                              {"cache", required_argument, nullptr, OPT_CACHE},
+                              {"nocache", no_argument, nullptr, 'n'},
                               {nullptr, 0, nullptr, 0}};
   NbdServerOptions so;
   std::string fmt;
   bool read_only = false;
+  CacheMode cache = CacheMode::Writeback;
   int c;
-  while ((c = getopt_long(argc, argv, "f:tx:", longopts, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, "f:tx:n", longopts, nullptr)) != -1) {
     switch (c) {
+      case OPT_CACHE: cache = parse_cache_mode(optarg); break;
+      case 'n': cache = CacheMode::None; break;
       case 'f': fmt = optarg; break;
       case 't': so.persistent = true; break;
       case 'x': so.export_name = optarg; break;
@@ -1236,7 +1263,7 @@ int cmd_serve(int argc, char** argv) {
     }
   }
   if (optind >= argc || (so.socket_path.empty() && so.port == 0)) usage();
-  auto dev = open_or_die(argv[optind], read_only ? OpenMode::ReadOnly : OpenMode::ReadWrite, fmt);
+  auto dev = open_or_die(argv[optind], read_only ? OpenMode::ReadOnly : OpenMode::ReadWrite, fmt, cache);
   so.read_only = read_only;
   must(serve_nbd(*dev, so));
   if (auto* q = dynamic_cast<Qcow2Image*>(dev.get())) must(q->close());

@@ -19,18 +19,16 @@
 #include "base/log.h"
 #include "disk/endian.h"
 #include "disk/image_internal.h"
+#include "disk/qcow2_layout.h"
 
 namespace keel::disk {
 
 namespace {
 
+using namespace qcow2;
+
 constexpr uint32_t kMagic = 0x514649fb;
-constexpr uint64_t kOflagCopied = 1ULL << 63;
-constexpr uint64_t kOflagCompressed = 1ULL << 62;
 constexpr uint64_t kOflagZero = 1ULL;
-constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
-constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
-constexpr uint64_t kRtOffsetMask = 0xfffffffffffffe00ULL;
 constexpr uint64_t kMaxL1Bytes = 32ULL << 20;     // as qemu: QCOW_MAX_L1_SIZE
 constexpr uint64_t kMaxRefTableBytes = 8ULL << 20;  // QCOW_MAX_REFTABLE_SIZE
 constexpr uint32_t kExtEnd = 0;
@@ -154,7 +152,13 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(const std::string& path, Op
   std::unique_ptr<Qcow2Image> image(new Qcow2Image());
   image->path_ = path;
   image->read_only_ = mode == OpenMode::ReadOnly;
-  image->fd_ = TRY(UniqueFd::open(path, image->read_only_ ? O_RDONLY : O_RDWR));
+  int flags = image->read_only_ ? O_RDONLY : O_RDWR;
+  if (options.direct) {
+    image->fd_ = TRY(DirectFile::open(path, flags));
+    image->direct_ = std::make_unique<DirectFile>();
+  } else {
+    image->fd_ = TRY(UniqueFd::open(path, flags));
+  }
   TRY(image->load(options, chain_depth));
   return image;
 }
@@ -192,13 +196,25 @@ Result<void> Qcow2Image::pread_meta(void* buf, size_t len, uint64_t offset, cons
   if (offset > fsize || len > fsize - offset)
     return fail_invalid("{}: {} at offset {} ({} bytes) lies beyond the end of the file ({} bytes)",
                         path_, what, hex(offset), len, fsize);
-  auto r = pread_all(fd_.get(), buf, len, static_cast<off_t>(offset));
+  auto r = file_read(buf, len, offset);
   if (!r) return fail(r.error().with_context(fmt::format("{}: reading {} at offset {}", path_, what, hex(offset))));
   return ok();
 }
 
+// Every access to the image file goes through these two, so cache=none (O_DIRECT) covers data and
+// metadata alike.
+Result<void> Qcow2Image::file_read(void* buf, size_t len, uint64_t offset) {
+  if (direct_) return direct_->read(fd_.get(), static_cast<uint8_t*>(buf), len, offset);
+  return pread_zero_past_eof(fd_.get(), static_cast<uint8_t*>(buf), len, offset);
+}
+
+Result<void> Qcow2Image::file_write(const void* buf, size_t len, uint64_t offset) {
+  if (direct_) return direct_->write(fd_.get(), static_cast<const uint8_t*>(buf), len, offset);
+  return pwrite_all(fd_.get(), buf, len, static_cast<off_t>(offset));
+}
+
 Result<void> Qcow2Image::pwrite_meta(const void* buf, size_t len, uint64_t offset, const char* what) {
-  auto r = pwrite_all(fd_.get(), buf, len, static_cast<off_t>(offset));
+  auto r = file_write(buf, len, offset);
   if (!r) return fail(r.error().with_context(fmt::format("{}: writing {} at offset {}", path_, what, hex(offset))));
   return ok();
 }
@@ -207,7 +223,7 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
   uint64_t fsize = file_size();
   uint8_t h[112] = {};
   if (fsize < 72) return fail_invalid("{}: file is too short for a qcow2 header ({} bytes)", path_, fsize);
-  TRY(pread_all(fd_.get(), h, std::min<uint64_t>(sizeof(h), fsize), 0));
+  TRY(file_read(h, std::min<uint64_t>(sizeof(h), fsize), 0));
   if (load_be32(h) != kMagic) return fail_invalid("{}: not a qcow2 image (bad magic)", path_);
   uint32_t version = load_be32(h + 4);
   if (version != 2 && version != 3)
@@ -248,7 +264,7 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
 
   // The header cluster: extensions, and the backing file name.
   std::vector<uint8_t> hc(std::min<uint64_t>(cluster_size_, fsize));
-  TRY(pread_all(fd_.get(), hc.data(), hc.size(), 0));
+  TRY(file_read(hc.data(), hc.size(), 0));
   uint64_t ext_end = backing_offset ? backing_offset : hc.size();
   TRY(parse_extensions(hc, header_length_, std::min<uint64_t>(ext_end, hc.size())));
 
@@ -287,8 +303,6 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
   if (!read_only_) {
     if ((incompat_ & kIncCorrupt) && !options.for_repair)
       return fail_invalid("{}: the image is marked corrupt; check it with 'keel-img check -r all'", path_);
-    if (extended_l2_)
-      return fail(ENOTSUP, fmt::format("{}: writing images with extended L2 entries is not supported", path_));
   }
 
   // Sizes and tables.
@@ -373,7 +387,8 @@ Result<void> Qcow2Image::load(const Qcow2OpenOptions& options, int chain_depth) 
     backing_resolved_ = backing_path();
     std::optional<ImageFormat> fmt;
     if (!backing_format_.empty()) fmt = TRY_CTX(parse_format(backing_format_), path_ + ": backing format");
-    auto backing = open_image_internal(backing_resolved_, OpenMode::ReadOnly, fmt, chain_depth + 1);
+    auto backing = open_image_internal(backing_resolved_, OpenMode::ReadOnly, fmt, chain_depth + 1,
+                                       options.direct ? CacheMode::None : CacheMode::Writeback);
     if (!backing)
       return fail(backing.error().with_context(fmt::format("{}: opening backing file", path_)));
     backing_ = std::move(*backing);
@@ -778,7 +793,7 @@ Result<void> Qcow2Image::mark_clean() {
 }
 
 Result<void> Qcow2Image::pwrite_data(const uint8_t* data, size_t length, uint64_t host) {
-  TRY(pwrite_all(fd_.get(), data, length, static_cast<off_t>(host)));
+  TRY(file_write(data, length, host));
   holes_.note_data(host, length);
   return ok();
 }
@@ -958,6 +973,9 @@ Result<Qcow2Image::Run> Qcow2Image::resolve(uint64_t offset, uint64_t max_length
         uint64_t bitmap = l2_bitmap(table, l2_index);
         uint64_t sc = in_cluster >> subcluster_bits_;
         uint64_t hoff = e & kL2OffsetMask;
+        if ((bitmap >> 32) & bitmap & (1ULL << sc))
+          return fail_invalid("{}: subcluster at virtual offset {} is marked both allocated and zero", path_,
+                              hex(pos));
         if (bitmap & (1ULL << (32 + sc))) {
           kind = RunKind::Zero;
           if (hoff) host = hoff + in_cluster;
@@ -1005,7 +1023,7 @@ Result<void> Qcow2Image::read_compressed(uint64_t desc, uint8_t* out) {
   uint64_t nb_sectors = ((desc >> csize_shift_) & csize_mask_) + 1;
   uint64_t csize = nb_sectors * 512 - (coffset & 511);
   uint8_t* in = scratch_buffer(t_scratch.compressed, csize);
-  auto r = pread_zero_past_eof(fd_.get(), in, csize, coffset);
+  auto r = file_read(in, csize, coffset);
   if (!r) return fail(r.error().with_context(fmt::format("{}: compressed cluster at {}", path_, hex(coffset))));
   if (compression_ == Qcow2Compression::Zlib) {
     // libdeflate inflates a whole buffer about twice as fast as zlib's streaming inflate. It takes
@@ -1078,7 +1096,7 @@ Result<void> Qcow2Image::read_run(const Run& run, uint64_t offset, std::span<uin
     case RunKind::Unallocated:
       return read_backing(offset, out);
     case RunKind::Data: {
-      auto r = pread_zero_past_eof(fd_.get(), out.data(), out.size(), run.host);
+      auto r = file_read(out.data(), out.size(), run.host);
       if (!r) return fail(r.error().with_context(fmt::format("read {} at host offset {}", path_, hex(run.host))));
       return ok();
     }
@@ -1160,7 +1178,9 @@ Result<std::vector<Extent>> Qcow2Image::block_status(uint64_t offset, uint64_t l
       std::lock_guard lock(mutex_);
       run = TRY(resolve(pos, end - pos));
     }
-    if (run.kind == RunKind::Unallocated && run.host) {
+    // A subcluster not allocated in a cluster that has a place: qemu-img map shows that place when
+    // nothing lies below, and what lies below otherwise.
+    if (run.kind == RunKind::Unallocated && run.host && !backing_) {
       Extent e;
       e.offset = pos;
       e.length = run.length;
@@ -1276,7 +1296,8 @@ Result<void> Qcow2Image::write(uint64_t offset, std::span<const uint8_t> data) {
         // Allocating write: everything under the lock, up to the end of this L2 table.
         uint64_t table_end = ((pos >> (cluster_bits_ + l2_bits_)) + 1) << (cluster_bits_ + l2_bits_);
         uint64_t n = std::min<uint64_t>(data.size() - done, table_end - pos);
-        auto r = write_locked(pos, data.subspan(done, n));
+        auto r = extended_l2_ ? write_subclusters_locked(pos, data.subspan(done, n))
+                              : write_locked(pos, data.subspan(done, n));
         lock.unlock();
         auto d = run_deferred_writes();
         if (!r) return r;
@@ -1478,6 +1499,7 @@ Result<void> Qcow2Image::place_compressed(uint64_t offset, const uint8_t* out, s
     TRY(free_later(old & kL2OffsetMask, cluster_size_));
   }
   set_l2_entry(table, l2_index, kOflagCompressed | (nb_sectors << csize_shift_) | start);
+  if (extended_l2_) set_l2_bitmap(table, l2_index, 0);  // compressed clusters have no subclusters
   l2_cache_.slots[l2_cache_.index[l1_[l1_index] & kL1OffsetMask]].dirty = true;
   defer_write(start, out, out_len, offset);
   return ok();
@@ -1485,6 +1507,8 @@ Result<void> Qcow2Image::place_compressed(uint64_t offset, const uint8_t* out, s
 
 Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool unallocate) {
   // offset and length are cluster aligned (length may end at the disk's end).
+  if (extended_l2_)
+    return unmap_subclusters_locked(offset, offset + length, unallocate ? UnmapTo::Backing : UnmapTo::Zero);
   uint64_t pos = offset, end = offset + length;
   while (pos < end) {
     uint64_t l1_index = pos >> (cluster_bits_ + l2_bits_);
@@ -1516,6 +1540,7 @@ Result<void> Qcow2Image::set_zero_locked(uint64_t offset, uint64_t length, bool 
 Result<void> Qcow2Image::write_zeroes(uint64_t offset, uint64_t length) {
   if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
   TRY(check_range(offset, length, "write-zeroes"));
+  if (extended_l2_) return write_zeroes_subclusters(offset, length);
   uint64_t end = offset + length;
   uint64_t a = (offset + cluster_size_ - 1) & ~uint64_t{cluster_size_ - 1};
   uint64_t b = end & ~uint64_t{cluster_size_ - 1};

@@ -2,7 +2,7 @@
 //
 // Reads every variant qemu-img 7.2 writes: cluster sizes 512 B..2 MiB, refcount widths 1..64 bits,
 // zero clusters, compressed clusters (deflate and zstd), backing chains, extended L2 entries
-// (subclusters, read-only), internal snapshots. Writes everything but extended L2.
+// (subclusters), internal snapshots. Writes all of them.
 //
 // Metadata is cached (L2 tables and refcount blocks) and written back in an order that keeps the
 // image consistent after a crash at any moment: refcount increments reach the file before the L2/L1
@@ -28,6 +28,7 @@
 
 #include "base/unique_fd.h"
 #include "disk/block_device.h"
+#include "disk/direct_file.h"
 #include "disk/hole_map.h"
 
 namespace keel::disk {
@@ -53,6 +54,8 @@ struct Qcow2OpenOptions {
   // Opens images whose corrupt bit is set, or that are dirty, for repair (no automatic repair of
   // a dirty image on a read-write open: the caller runs check() itself).
   bool for_repair = false;
+  // O_DIRECT for this image and its backing chain (cache mode "none").
+  bool direct = false;
 };
 
 struct Qcow2Snapshot {
@@ -222,10 +225,27 @@ private:
   Result<void> write_locked(uint64_t offset, std::span<const uint8_t> data);
   Result<void> place_compressed(uint64_t offset, const uint8_t* out, size_t out_len);
   Result<void> set_zero_locked(uint64_t offset, uint64_t length, bool unallocate);
+
+  // Extended L2 entries (qcow2_subclusters.cc).
+  enum class UnmapTo { Backing, Zero };
+  void set_l2_bitmap(uint8_t* table, uint64_t index, uint64_t bitmap);
+  void mark_l2_dirty(uint64_t l1_index);
+  Result<void> free_l2_target(uint64_t entry);
+  Result<void> read_range_locked(uint64_t voffset, std::span<uint8_t> out);
+  Result<void> write_with_cow(uint64_t cluster_voffset, uint64_t host, uint64_t from, uint64_t to,
+                              uint64_t in_cluster, std::span<const uint8_t> data);
+  Result<void> write_subclusters_locked(uint64_t offset, std::span<const uint8_t> data);
+  Result<void> zero_subclusters_locked(uint64_t a, uint64_t b);
+  Result<void> unmap_subclusters_locked(uint64_t a, uint64_t b, UnmapTo target);
+  Result<bool> recorded_as_zero(uint64_t offset, uint64_t length);
+  Result<void> zero_partial_subcluster(uint64_t from, uint64_t to);
+  Result<void> write_zeroes_subclusters(uint64_t offset, uint64_t length);
   Result<void> check_range(uint64_t offset, uint64_t length, const char* op) const;
   Result<void> check_host_offset(uint64_t host, uint64_t voffset) const;
   Result<void> pread_meta(void* buf, size_t len, uint64_t offset, const char* what);
   Result<void> pwrite_meta(const void* buf, size_t len, uint64_t offset, const char* what);
+  Result<void> file_read(void* buf, size_t len, uint64_t offset);
+  Result<void> file_write(const void* buf, size_t len, uint64_t offset);
   Result<void> write_header();
   Result<void> write_l1();
   Result<void> write_snapshot_table(std::vector<Qcow2Snapshot> snapshots);
@@ -244,6 +264,7 @@ private:
 
   std::string path_;
   UniqueFd fd_;
+  std::unique_ptr<DirectFile> direct_;  // set when opened with O_DIRECT
   bool read_only_ = true;
   mutable std::mutex mutex_;
 

@@ -10,16 +10,13 @@
 
 #include "disk/endian.h"
 #include "disk/qcow2_image.h"
+#include "disk/qcow2_layout.h"
 
 namespace keel::disk {
 
 namespace {
 
-constexpr uint64_t kOflagCopied = 1ULL << 63;
-constexpr uint64_t kOflagCompressed = 1ULL << 62;
-constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
-constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
-constexpr uint64_t kRtOffsetMask = 0xfffffffffffffe00ULL;
+using namespace qcow2;
 constexpr uint64_t kMaxRefTableBytes = 8ULL << 20;  // QCOW_MAX_REFTABLE_SIZE
 
 std::string hex(uint64_t v) { return fmt::format("{:#x}", v); }
@@ -81,11 +78,12 @@ Result<void> Qcow2Image::create(const std::string& path, const Qcow2CreateOption
     if (o.compression != Qcow2Compression::Zlib) return fail_invalid("compression_type=zstd needs compat=1.1");
     if (o.extended_l2) return fail_invalid("extended L2 entries need compat=1.1");
   }
-  if (o.extended_l2) return fail(ENOTSUP, "creating images with extended L2 entries is not supported");
+  if (o.extended_l2 && o.cluster_size < 16384)
+    return fail_invalid("extended L2 entries need clusters of at least 16 KiB (cluster size {})", o.cluster_size);
   if (o.backing_file.size() > 1023) return fail_invalid("backing file name is longer than 1023 bytes");
   uint64_t size = (o.size + 511) & ~511ULL;
   uint64_t cs = o.cluster_size;
-  uint64_t l2_entries = cs / 8;
+  uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
   uint64_t l1_size = (size + cs * l2_entries - 1) / (cs * l2_entries);
   if (l1_size * 8 > (32ULL << 20)) return fail_invalid("virtual size {} is too large for {}-byte clusters", size, cs);
   uint64_t refblock_entries = cs * 8 / static_cast<uint64_t>(o.refcount_bits);
@@ -116,7 +114,7 @@ Result<void> Qcow2Image::create(const std::string& path, const Qcow2CreateOption
   store_be32(hc.data() + 56, static_cast<uint32_t>(rt_clusters));
   uint64_t ext_start = 72;
   if (o.version == 3) {
-    uint64_t incompat = o.compression == Qcow2Compression::Zstd ? (1ULL << 3) : 0;
+    uint64_t incompat = (o.compression == Qcow2Compression::Zstd ? (1ULL << 3) : 0) | (o.extended_l2 ? (1ULL << 4) : 0);
     store_be64(hc.data() + 72, incompat);
     store_be64(hc.data() + 80, o.lazy_refcounts ? 1 : 0);
     store_be32(hc.data() + 96, static_cast<uint32_t>(refcount_order));
@@ -680,9 +678,10 @@ Result<void> Qcow2Image::resize(uint64_t new_size) {
         continue;
       }
       uint64_t idx = (pos >> cluster_bits_) & (entries - 1);
-      if (l2_entry(table, idx) == 0) continue;
+      if (l2_entry(table, idx) == 0 && l2_bitmap(table, idx) == 0) continue;
       table = TRY(get_l2(l1_index, true));
       uint64_t e = l2_entry(table, idx);
+      if (extended_l2_) set_l2_bitmap(table, idx, 0);
       if (e & kOflagCompressed) {
         uint64_t h, b;
         compressed_range(e & ~(kOflagCompressed | kOflagCopied), &h, &b);

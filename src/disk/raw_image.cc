@@ -1,5 +1,7 @@
 #include "disk/raw_image.h"
 
+#include "disk/direct_file.h"
+
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -25,7 +27,7 @@ Result<std::unique_ptr<RawImage>> RawImage::open(const std::string& path, OpenMo
 
 Result<std::unique_ptr<RawImage>> RawImage::open_direct(const std::string& path, OpenMode mode) {
   bool ro = mode == OpenMode::ReadOnly;
-  UniqueFd fd = TRY(UniqueFd::open(path, (ro ? O_RDONLY : O_RDWR) | O_DIRECT));
+  UniqueFd fd = TRY(DirectFile::open(path, ro ? O_RDONLY : O_RDWR));
   struct stat st;
   if (::fstat(fd.get(), &st) < 0) return fail_errno("stat " + path);
   uint64_t size = static_cast<uint64_t>(st.st_size);
@@ -38,25 +40,8 @@ Result<std::unique_ptr<RawImage>> RawImage::open_direct(const std::string& path,
 }
 
 namespace {
-constexpr uint64_t kDirectAlign = 4096;
-struct AlignedBuffer {
-  uint8_t* data = nullptr;
-  size_t size = 0;
-  ~AlignedBuffer() { std::free(data); }
-  uint8_t* get(size_t n) {
-    if (n > size) {
-      std::free(data);
-      data = static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, n));
-      size = data ? n : 0;
-    }
-    return data;
-  }
-};
-thread_local AlignedBuffer t_bounce;
-bool aligned(const void* p, uint64_t offset, uint64_t length) {
-  return (reinterpret_cast<uintptr_t>(p) % kDirectAlign) == 0 && offset % kDirectAlign == 0 &&
-         length % kDirectAlign == 0;
-}
+constexpr uint64_t kDirectAlign = DirectFile::kAlign;
+bool aligned(const void* p, uint64_t offset, uint64_t length) { return DirectFile::is_aligned(p, offset, length); }
 }  // namespace
 
 // Direct I/O through an aligned bounce buffer, in pieces of at most 4 MiB. Reads past the end of the
@@ -68,7 +53,7 @@ Result<void> RawImage::direct_io(uint64_t offset, uint8_t* read_out, const uint8
     uint64_t in = offset - a;
     size_t n = static_cast<size_t>(std::min<uint64_t>(length, piece_max - in));
     uint64_t b = (offset + n + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-    uint8_t* bounce = t_bounce.get(b - a);
+    uint8_t* bounce = DirectFile::bounce_buffer(b - a);
     if (!bounce) return fail(ENOMEM, "direct I/O bounce buffer");
     std::unique_lock<std::shared_mutex> lock(rmw_mutex_, std::defer_lock);
     if (write_in) lock.lock();

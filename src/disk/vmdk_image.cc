@@ -6,6 +6,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -14,6 +15,7 @@
 
 #include "base/progress.h"
 #include "disk/endian.h"
+#include "disk/image_internal.h"
 
 namespace keel::disk {
 
@@ -82,6 +84,37 @@ std::string quoted_value(const std::string& text, const std::string& key) {
   return text.substr(p, e == std::string::npos ? std::string::npos : e - p);
 }
 
+// The value of `key=` on a line of its own (so "CID" does not find "parentCID"), without quotes.
+std::string descriptor_value(const std::string& text, const std::string& key) {
+  size_t line_start = 0;
+  while (line_start < text.size()) {
+    size_t line_end = text.find('\n', line_start);
+    if (line_end == std::string::npos) line_end = text.size();
+    std::string_view line(text.data() + line_start, line_end - line_start);
+    line_start = line_end + 1;
+    while (!line.empty() && (line.front() == ' ' || line.front() == '\t')) line.remove_prefix(1);
+    if (line.substr(0, key.size()) != key) continue;
+    line.remove_prefix(key.size());
+    while (!line.empty() && line.front() == ' ') line.remove_prefix(1);
+    if (line.empty() || line.front() != '=') continue;
+    line.remove_prefix(1);
+    while (!line.empty() && (line.front() == ' ' || line.front() == '"')) line.remove_prefix(1);
+    while (!line.empty() && (line.back() == ' ' || line.back() == '"' || line.back() == '\r')) line.remove_suffix(1);
+    return std::string(line);
+  }
+  return {};
+}
+
+// A CID as qemu reads it (hex, "ffffffff" for none); missing or unparsable: ffffffff.
+uint32_t parse_cid(const std::string& text) {
+  if (text.empty()) return 0xffffffff;
+  char* end = nullptr;
+  unsigned long v = std::strtoul(text.c_str(), &end, 16);
+  return end == text.c_str() ? 0xffffffff : static_cast<uint32_t>(v);
+}
+
+constexpr int kMaxChainDepth = 256;
+
 bool is_zero(const uint8_t* p, size_t n) {
   if (n == 0) return true;
   if (p[0]) return false;
@@ -96,23 +129,135 @@ struct VmdkImage::ExtentInfo {
   uint64_t length = 0;   // bytes
   std::string path;
   UniqueFd fd;
-  uint64_t file_size = 0;
+  std::atomic<uint64_t> file_size = 0;  // grows as writes allocate grains
   uint64_t flat_offset = 0;  // bytes into the file (FLAT)
   SparseHeader header;
   std::vector<uint32_t> gd;                          // grain directory (sectors of grain tables)
+  std::vector<uint32_t> rgd;                         // redundant directory (writable images with one)
   std::map<uint64_t, std::vector<uint32_t>> tables;  // loaded grain tables
   std::mutex mutex;                                  // guards `tables`
 };
 
 VmdkImage::~VmdkImage() = default;
 
-Result<std::unique_ptr<VmdkImage>> VmdkImage::open(const std::string& path, OpenMode mode) {
-  if (mode == OpenMode::ReadWrite)
-    return fail(EROFS, path + ": VMDK images open read-only (convert them to qcow2 to write)");
+Result<std::unique_ptr<VmdkImage>> VmdkImage::open(const std::string& path, OpenMode mode,
+                                                   const VmdkOpenOptions& options, int chain_depth) {
+  if (chain_depth > kMaxChainDepth)
+    return fail_invalid("{}: VMDK parent chain is deeper than {} images (a loop?)", path, kMaxChainDepth);
   std::unique_ptr<VmdkImage> image(new VmdkImage());
   image->path_ = path;
-  TRY(image->load(path));
+  image->options_ = options;
+  TRY(image->load(path, chain_depth));
+  if (mode == OpenMode::ReadWrite) TRY(image->make_writable());
   return image;
+}
+
+// Writes go to monolithicSparse images only (one uncompressed sparse extent with its descriptor
+// inside), as qemu writes them: what delta links are made of.
+Result<void> VmdkImage::make_writable() {
+  ExtentInfo* e = extents_.size() == 1 ? extents_[0].get() : nullptr;
+  if (!e || e->kind != ExtentInfo::Kind::Sparse || (e->header.flags & kFlagCompressed) || !e->header.desc_offset)
+    return fail(EROFS, fmt::format("{}: only monolithicSparse VMDK images open for writing ({} opens read-only; "
+                                   "convert it to write)", path_, create_type_));
+  e->fd = TRY(UniqueFd::open(path_, O_RDWR));
+  if ((e->header.flags & kFlagRgd) && e->header.rgd_offset) {
+    uint64_t off = e->header.rgd_offset * 512, bytes = e->gd.size() * 4;
+    if (off > e->file_size || bytes > e->file_size - off)
+      return fail_invalid("{}: VMDK redundant grain directory lies outside the file", path_);
+    std::vector<uint8_t> buf(bytes);
+    if (bytes) TRY(pread_all(e->fd.get(), buf.data(), bytes, static_cast<off_t>(off)));
+    e->rgd.resize(e->gd.size());
+    for (size_t i = 0; i < e->rgd.size(); ++i) e->rgd[i] = load_le32(buf.data() + i * 4);
+  }
+  uint64_t grain = e->header.grain_size;
+  next_grain_sector_ = ((e->file_size + 511) / 512 + grain - 1) / grain * grain;
+  read_only_ = false;
+  return ok();
+}
+
+// As qemu does before an image's first write: a new CID, so deltas made on top of it notice.
+Result<void> VmdkImage::renew_cid() {
+  ExtentInfo& e = *extents_[0];
+  uint64_t off = e.header.desc_offset * 512;
+  uint64_t len = std::min<uint64_t>(e.header.desc_size * 512, 64 << 10);
+  if (off > e.file_size || len > e.file_size - off) return fail_invalid("{}: VMDK descriptor lies outside the file", path_);
+  std::string text(len, '\0');
+  TRY(pread_all(e.fd.get(), text.data(), len, static_cast<off_t>(off)));
+  for (size_t p = 0; p < text.size(); p = text.find('\n', p) + 1) {
+    size_t eol = text.find('\n', p);
+    if (eol == std::string::npos) break;
+    if (text.compare(p, 4, "CID=") != 0) continue;
+    // The whole line is rewritten: qemu writes CIDs without leading zeros, so the old value may
+    // be shorter than ours, and what follows moves.
+    std::random_device entropy;
+    uint32_t cid = entropy();
+    std::string updated = text.substr(0, p) + fmt::format("CID={:08x}", cid) + text.substr(eol);
+    if (updated.size() > len) {
+      if (updated.find_first_not_of('\0', len) != std::string::npos)
+        return fail_invalid("{}: no room in the VMDK descriptor for a new CID", path_);
+    }
+    updated.resize(len, '\0');
+    TRY(pwrite_all(e.fd.get(), updated.data(), updated.size(), static_cast<off_t>(off)));
+    cid_ = cid;
+    cid_renewed_ = true;
+    return ok();
+  }
+  return fail_invalid("{}: VMDK descriptor has no CID line to update", path_);
+}
+
+Result<void> VmdkImage::set_grain_sector(uint64_t grain, uint32_t sector) {
+  ExtentInfo& e = *extents_[0];
+  uint64_t gt_index = grain / e.header.gtes_per_gt;
+  uint64_t slot = (grain % e.header.gtes_per_gt) * 4;
+  if (gt_index >= e.gd.size() || e.gd[gt_index] == 0)
+    return fail(ENOTSUP, fmt::format("{}: grain {} has no grain table to record it in", path_, grain));
+  uint8_t entry[4];
+  store_le32(entry, sector);
+  TRY(pwrite_all(e.fd.get(), entry, 4, static_cast<off_t>(uint64_t{e.gd[gt_index]} * 512 + slot)));
+  if (gt_index < e.rgd.size() && e.rgd[gt_index])
+    TRY(pwrite_all(e.fd.get(), entry, 4, static_cast<off_t>(uint64_t{e.rgd[gt_index]} * 512 + slot)));
+  std::lock_guard lock(e.mutex);
+  auto it = e.tables.find(gt_index);
+  if (it != e.tables.end()) it->second[grain % e.header.gtes_per_gt] = sector;
+  return ok();
+}
+
+Result<void> VmdkImage::load_parent(const std::string& descriptor, int chain_depth) {
+  cid_ = parse_cid(descriptor_value(descriptor, "CID"));
+  parent_cid_ = parse_cid(descriptor_value(descriptor, "parentCID"));
+  parent_hint_ = descriptor_value(descriptor, "parentFileNameHint");
+  if (parent_hint_.empty() || !options_.open_parent) return ok();
+  std::filesystem::path hint(parent_hint_);
+  parent_resolved_ = hint.is_absolute() ? hint.string() : (std::filesystem::path(path_).parent_path() / hint).string();
+  std::error_code ec;
+  if (std::filesystem::equivalent(parent_resolved_, path_, ec))
+    return fail_invalid("{}: VMDK image names itself as its parent ({})", path_, parent_hint_);
+  // As qemu: a delta link's parent is a VMDK (its CID is what the link checks).
+  auto parent = open_image_internal(parent_resolved_, OpenMode::ReadOnly, ImageFormat::Vmdk, chain_depth + 1);
+  if (!parent) {
+    // Only the outermost image adds its name: a loop would otherwise repeat it 256 times.
+    if (chain_depth > 0) return fail(parent.error());
+    return fail(parent.error().with_context(fmt::format("{}: opening VMDK parent '{}'", path_, parent_hint_)));
+  }
+  parent_ = std::move(*parent);
+  return ok();
+}
+
+Result<void> VmdkImage::check_parent_cid() const {
+  if (!parent_) return ok();
+  auto* p = dynamic_cast<VmdkImage*>(parent_.get());
+  uint32_t have = p ? p->cid() : 0xffffffff;
+  if (have != parent_cid_)
+    return fail_invalid("{}: parent {} has CID {:08x}, but this image was made on CID {:08x} (parentCID): the "
+                        "parent changed after this delta was made", path_, parent_resolved_, have, parent_cid_);
+  return ok();
+}
+
+Result<void> VmdkImage::read_parent(uint64_t offset, std::span<uint8_t> out) {
+  uint64_t have = parent_ && offset < parent_->size() ? std::min<uint64_t>(out.size(), parent_->size() - offset) : 0;
+  if (have) TRY(parent_->read(offset, out.subspan(0, have)));
+  if (have < out.size()) std::memset(out.data() + have, 0, out.size() - have);
+  return ok();
 }
 
 static Result<void> load_sparse(VmdkImage::ExtentInfo& e, const std::string& path, std::string* descriptor) {
@@ -161,7 +306,7 @@ static Result<void> load_sparse(VmdkImage::ExtentInfo& e, const std::string& pat
   return ok();
 }
 
-Result<void> VmdkImage::load(const std::string& path) {
+Result<void> VmdkImage::load(const std::string& path, int chain_depth) {
   UniqueFd fd = TRY(UniqueFd::open(path, O_RDONLY));
   uint8_t head[512] = {};
   size_t n = TRY(read_full(fd.get(), head, sizeof(head)));
@@ -173,8 +318,9 @@ Result<void> VmdkImage::load(const std::string& path) {
     if (create_type_.empty())
       create_type_ = (e->header.flags & kFlagCompressed) ? "streamOptimized" : "monolithicSparse";
     size_ = e->length;
+    e->path = path;
     extents_.push_back(std::move(e));
-    return ok();
+    return load_parent(descriptor, chain_depth);
   }
   // A text descriptor naming extent files.
   struct stat st;
@@ -184,8 +330,6 @@ Result<void> VmdkImage::load(const std::string& path) {
   TRY(pread_all(fd.get(), text.data(), text.size(), 0));
   if (text.rfind("# Disk DescriptorFile", 0) != 0) return fail_invalid("{}: not a VMDK descriptor", path);
   create_type_ = quoted_value(text, "createType");
-  if (!quoted_value(text, "parentFileNameHint").empty())
-    return fail(ENOTSUP, fmt::format("{}: VMDK images with a parent are not supported", path));
   std::filesystem::path dir = std::filesystem::path(path).parent_path();
   uint64_t pos = 0;
   size_t line_start = 0;
@@ -231,7 +375,7 @@ Result<void> VmdkImage::load(const std::string& path) {
   }
   if (extents_.empty()) return fail_invalid("{}: VMDK descriptor names no extents", path);
   size_ = pos;
-  return ok();
+  return load_parent(text, chain_depth);
 }
 
 Result<void> VmdkImage::parse_bytes(std::span<const uint8_t> bytes) {
@@ -286,7 +430,9 @@ Result<void> VmdkImage::read_extent(ExtentInfo& e, uint64_t offset, std::span<ui
     uint64_t in_grain = pos % grain_bytes;
     uint64_t n = std::min<uint64_t>(grain_bytes - in_grain, out.size() - done);
     uint32_t sector = TRY(grain_sector(e, grain));
-    if (sector == 0 || (sector == 1 && (e.header.flags & kFlagZeroGrain))) {
+    if (sector == 0) {
+      TRY(read_parent(e.start + pos, out.subspan(done, n)));  // unallocated: the parent's, or zeros
+    } else if (sector == 1 && (e.header.flags & kFlagZeroGrain)) {
       std::memset(out.data() + done, 0, n);
     } else if (!(e.header.flags & kFlagCompressed)) {
       uint64_t off = uint64_t{sector} * 512 + in_grain;
@@ -304,7 +450,7 @@ Result<void> VmdkImage::read_extent(ExtentInfo& e, uint64_t offset, std::span<ui
         TRY(pread_all(e.fd.get(), m, 12, static_cast<off_t>(off)));
         csize = load_le32(m + 8);
       } else {
-        csize = static_cast<uint32_t>(std::min<uint64_t>(grain_bytes * 2 + 1024, e.file_size - std::min(off, e.file_size)));
+        csize = static_cast<uint32_t>(std::min<uint64_t>(grain_bytes * 2 + 1024, e.file_size - std::min<uint64_t>(off, e.file_size)));
       }
       if (csize == 0 || csize > grain_bytes * 2 + 1024 || off + header > e.file_size ||
           csize > e.file_size - off - header)
@@ -328,6 +474,7 @@ Result<void> VmdkImage::read_extent(ExtentInfo& e, uint64_t offset, std::span<ui
 Result<void> VmdkImage::read(uint64_t offset, std::span<uint8_t> out) {
   if (offset > size_ || out.size() > size_ - offset)
     return fail_invalid("read {}: range {}+{} is beyond the end of the disk ({} bytes)", path_, offset, out.size(), size_);
+  TRY(check_parent_cid());
   uint64_t done = 0;
   for (auto& e : extents_) {
     if (done >= out.size()) break;
@@ -340,29 +487,104 @@ Result<void> VmdkImage::read(uint64_t offset, std::span<uint8_t> out) {
   return ok();
 }
 
-Result<void> VmdkImage::write(uint64_t, std::span<const uint8_t>) {
-  return fail(EROFS, "write " + path_ + ": VMDK images are read-only");
+Result<void> VmdkImage::write(uint64_t offset, std::span<const uint8_t> data) {
+  if (read_only_) return fail(EROFS, "write " + path_ + ": image is open read-only");
+  if (offset > size_ || data.size() > size_ - offset)
+    return fail_invalid("write {}: range {}+{} is beyond the end of the disk ({} bytes)", path_, offset, data.size(), size_);
+  TRY(check_parent_cid());
+  std::lock_guard lock(write_mutex_);
+  if (!cid_renewed_) TRY(renew_cid());
+  ExtentInfo& e = *extents_[0];
+  uint64_t grain_bytes = e.header.grain_size * 512;
+  thread_local std::vector<uint8_t> grain_buf;
+  uint64_t done = 0;
+  while (done < data.size()) {
+    uint64_t pos = offset + done;
+    uint64_t grain = pos / grain_bytes;
+    uint64_t in_grain = pos % grain_bytes;
+    uint64_t n = std::min<uint64_t>(grain_bytes - in_grain, data.size() - done);
+    uint32_t sector = TRY(grain_sector(e, grain));
+    if (sector > 1) {
+      uint64_t off = uint64_t{sector} * 512 + in_grain;
+      if (off > e.file_size || n > e.file_size - off)
+        return fail_invalid("{}: grain {} at sector {} lies outside the file", path_, grain, sector);
+      TRY_CTX(pwrite_all(e.fd.get(), data.data() + done, n, static_cast<off_t>(off)), "write " + path_);
+    } else {
+      // A new grain at the end of the file. What the write does not cover keeps what it reads as
+      // now: the parent's data for an unallocated grain, zeros for a zero grain.
+      if (grain_buf.size() < grain_bytes) grain_buf.resize(grain_bytes);
+      std::span<uint8_t> whole(grain_buf.data(), grain_bytes);
+      if (n < grain_bytes) {
+        if (sector == 0) TRY(read_parent(grain * grain_bytes, whole));
+        else std::memset(whole.data(), 0, grain_bytes);
+      }
+      std::memcpy(whole.data() + in_grain, data.data() + done, n);
+      uint64_t at = next_grain_sector_;
+      if (at + e.header.grain_size > 0xffffffffULL) return fail(EFBIG, path_ + ": VMDK image would exceed 2 TiB of sectors");
+      TRY_CTX(pwrite_all(e.fd.get(), whole.data(), grain_bytes, static_cast<off_t>(at * 512)), "write " + path_);
+      next_grain_sector_ = at + e.header.grain_size;
+      e.file_size = std::max<uint64_t>(e.file_size, next_grain_sector_ * 512);
+      // The table entry after the data: a crash in between leaks a grain, never exposes garbage.
+      TRY(set_grain_sector(grain, static_cast<uint32_t>(at)));
+    }
+    done += n;
+  }
+  return ok();
 }
-Result<void> VmdkImage::write_zeroes(uint64_t, uint64_t) {
-  return fail(EROFS, "write " + path_ + ": VMDK images are read-only");
+
+Result<void> VmdkImage::write_zeroes(uint64_t offset, uint64_t length) {
+  std::vector<uint8_t> zeros(std::min<uint64_t>(length, 1 << 20), 0);
+  for (uint64_t pos = offset; pos < offset + length;) {
+    uint64_t n = std::min<uint64_t>(zeros.size(), offset + length - pos);
+    TRY(write(pos, std::span<const uint8_t>(zeros.data(), n)));
+    pos += n;
+  }
+  return ok();
+}
+
+Result<void> VmdkImage::flush() {
+  if (read_only_) return ok();
+  if (::fdatasync(extents_[0]->fd.get()) < 0) return fail_errno("fdatasync " + path_);
+  return ok();
 }
 
 Result<std::vector<Extent>> VmdkImage::block_status(uint64_t offset, uint64_t length) {
   if (offset > size_ || length > size_ - offset)
     return fail_invalid("block-status {}: range beyond the end of the disk", path_);
+  TRY(check_parent_cid());
   std::vector<Extent> out;
-  auto add = [&](uint64_t start, uint64_t len, bool data) {
-    if (!out.empty() && out.back().data == data && out.back().offset + out.back().length == start) {
-      out.back().length += len;
-      return;
+  auto add_extent = [&](Extent x) {
+    if (!out.empty()) {
+      Extent& b = out.back();
+      if (b.data == x.data && b.zero == x.zero && b.depth == x.depth && b.allocated == x.allocated &&
+          b.offset + b.length == x.offset) {
+        b.length += x.length;
+        return;
+      }
     }
+    out.push_back(std::move(x));
+  };
+  auto add = [&](uint64_t start, uint64_t len, bool data) {
     Extent x;
     x.offset = start;
     x.length = len;
     x.data = data;
     x.zero = !data;
     x.allocated = data;
-    out.push_back(x);
+    add_extent(std::move(x));
+  };
+  // Unallocated grains: what the parent chain says, one level deeper.
+  auto add_unallocated = [&](uint64_t start, uint64_t len) -> Result<void> {
+    uint64_t have = parent_ && start < parent_->size() ? std::min(len, parent_->size() - start) : 0;
+    if (have) {
+      for (auto& x : TRY(parent_->block_status(start, have))) {
+        x.depth += 1;
+        x.file.clear();
+        add_extent(std::move(x));
+      }
+    }
+    if (have < len) add(start + have, len - have, false);
+    return ok();
   };
   uint64_t pos = offset, end = offset + length;
   for (auto& e : extents_) {
@@ -379,7 +601,8 @@ Result<std::vector<Extent>> VmdkImage::block_status(uint64_t offset, uint64_t le
       uint64_t rel = pos - e->start;
       uint64_t n = std::min(grain_bytes - rel % grain_bytes, stop - pos);
       uint32_t sector = TRY(grain_sector(*e, rel / grain_bytes));
-      add(pos, n, !(sector == 0 || (sector == 1 && (e->header.flags & kFlagZeroGrain))));
+      if (sector == 0) TRY(add_unallocated(pos, n));
+      else add(pos, n, !(sector == 1 && (e->header.flags & kFlagZeroGrain)));
       pos += n;
     }
   }
@@ -438,15 +661,18 @@ void put_header(uint8_t* h, uint32_t flags, uint64_t capacity, uint64_t desc_off
   h[78] = 0;
 }
 
-std::string descriptor_text(const std::string& create_type, uint64_t sectors, const std::string& file_name) {
-  std::mt19937 rng(static_cast<uint32_t>(sectors * 2654435761u) ^ static_cast<uint32_t>(::getpid()));
+std::string descriptor_text(const std::string& create_type, uint64_t sectors, const std::string& file_name,
+                            uint32_t parent_cid = 0xffffffff, const std::string& parent_file = {}) {
+  std::random_device entropy;
+  std::mt19937 rng(entropy() ^ static_cast<uint32_t>(sectors * 2654435761u) ^ static_cast<uint32_t>(::getpid()));
   uint64_t cylinders = std::min<uint64_t>(sectors / (16 * 63), 16383);
+  std::string parent_line = parent_file.empty() ? "" : fmt::format("parentFileNameHint=\"{}\"\n", parent_file);
   return fmt::format(
-      "# Disk DescriptorFile\nversion=1\nCID={:08x}\nparentCID=ffffffff\ncreateType=\"{}\"\n\n"
+      "# Disk DescriptorFile\nversion=1\nCID={:08x}\nparentCID={:08x}\ncreateType=\"{}\"\n{}\n"
       "# Extent description\nRW {} SPARSE \"{}\"\n\n# The Disk Data Base\n#DDB\n\n"
       "ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{}\"\nddb.geometry.heads = \"16\"\n"
       "ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\n",
-      rng(), create_type, sectors, file_name, cylinders);
+      rng(), parent_cid, create_type, parent_line, sectors, file_name, cylinders);
 }
 
 void put_marker(uint8_t* m, uint64_t val, uint32_t type) {
@@ -460,11 +686,23 @@ void put_marker(uint8_t* m, uint64_t val, uint32_t type) {
 
 Result<void> VmdkImage::create(const std::string& path, const VmdkCreateOptions& options) {
   ZeroDevice zero(options.size);
-  return convert_from(zero, path, options.subformat, false);
+  if (options.parent_file.empty()) return convert_from(zero, path, options.subformat, false);
+  // A delta link: an empty monolithicSparse child that records the parent's CID.
+  if (options.subformat != "monolithicSparse")
+    return fail(ENOTSUP, fmt::format("a VMDK with a parent must be monolithicSparse, not '{}'", options.subformat));
+  std::filesystem::path hint(options.parent_file);
+  std::string resolved = hint.is_absolute() ? hint.string() : (std::filesystem::path(path).parent_path() / hint).string();
+  auto parent = TRY_CTX(open(resolved, OpenMode::ReadOnly), "VMDK parent");
+  return write_sparse(zero, path, options.subformat, false, parent->cid(), options.parent_file);
 }
 
 Result<void> VmdkImage::convert_from(BlockDevice& source, const std::string& path, const std::string& subformat,
                                      bool progress) {
+  return write_sparse(source, path, subformat, progress, 0xffffffff, {});
+}
+
+Result<void> VmdkImage::write_sparse(BlockDevice& source, const std::string& path, const std::string& subformat,
+                                     bool progress, uint32_t parent_cid, const std::string& parent_file) {
   bool stream = subformat == "streamOptimized";
   if (!stream && subformat != "monolithicSparse")
     return fail(ENOTSUP, fmt::format("VMDK subformat '{}' cannot be written (use monolithicSparse or streamOptimized)",
@@ -474,7 +712,8 @@ Result<void> VmdkImage::convert_from(BlockDevice& source, const std::string& pat
   uint64_t grains = (capacity * 512 + grain_bytes - 1) / grain_bytes;
   uint64_t num_gts = (grains + 511) / 512;
   std::string name = std::filesystem::path(path).filename().string();
-  std::string desc = descriptor_text(stream ? "streamOptimized" : "monolithicSparse", capacity, name);
+  std::string desc = descriptor_text(stream ? "streamOptimized" : "monolithicSparse", capacity, name, parent_cid,
+                                     parent_file);
   const uint64_t desc_offset = 1, desc_size = 20;
   if (desc.size() > desc_size * 512) return fail_invalid("VMDK descriptor does not fit");
   UniqueFd fd = TRY(UniqueFd::open(path, O_RDWR | O_CREAT | O_TRUNC));

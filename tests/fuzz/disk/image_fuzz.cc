@@ -34,7 +34,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!q) return 0;
     dev = std::move(*q);
   } else {
-    auto v = VmdkImage::open(path, OpenMode::ReadOnly);
+    VmdkOpenOptions options;
+    options.open_parent = false;  // likewise for a delta link's parent
+    auto v = VmdkImage::open(path, OpenMode::ReadOnly, options);
     if (!v) return 0;
     dev = std::move(*v);
   }

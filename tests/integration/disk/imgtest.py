@@ -1,7 +1,10 @@
 """What the disk integration scripts share: running tools, counting checks, and the closing
 'N passed, N failed' line."""
+import json
 import os
+import socket
 import subprocess
+import time
 
 _failures = []
 _passed = 0
@@ -35,3 +38,70 @@ def finish():
     """Prints the closing line and returns the exit code."""
     print(f"{_passed} passed, {len(_failures)} failed")
     return 1 if _failures else 0
+
+
+def _takes_o_direct(directory):
+    import mmap
+    probe = os.path.join(directory, f".keel-odirect-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT)
+        try:
+            os.pwrite(fd, mmap.mmap(-1, 4096), 0)
+            return True
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+def direct_io_dir(tmp):
+    """A directory for images opened with O_DIRECT (cache=none): tmp itself when its file system
+    takes O_DIRECT, else /var/tmp, else a small ext4 loop mount made under tmp (root; unmounted at
+    exit)."""
+    import atexit
+    import tempfile
+    if _takes_o_direct(tmp):
+        return tmp
+    if _takes_o_direct("/var/tmp"):
+        d = tempfile.mkdtemp(prefix="keel-direct-", dir="/var/tmp")
+        atexit.register(lambda: subprocess.run(["rm", "-rf", d]))
+        return d
+    image = os.path.join(tmp, "ext4.img")
+    mnt = os.path.join(tmp, "ext4")
+    os.mkdir(mnt)
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    run("mkfs.ext4", "-q", "-F", image)
+    run("mount", "-o", "loop", image, mnt)
+    atexit.register(lambda: subprocess.run(["umount", mnt]))
+    return mnt
+
+
+def wait_unix(path):
+    """Waits until something accepts connections on a unix socket (5 s at most)."""
+    for _ in range(250):
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.close()
+            return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def map_shape(map_json):
+    """`map --output=json` text without host offsets, adjacent extents of one kind merged: what
+    allocation looks like, whichever tool laid the image out."""
+    out = []
+    for e in json.loads(map_json):
+        e.pop("offset", None)
+        if out and all(out[-1][k] == e[k] for k in ("depth", "present", "zero", "data")) and \
+                out[-1]["start"] + out[-1]["length"] == e["start"]:
+            out[-1]["length"] += e["length"]
+        else:
+            out.append(e)
+    return out

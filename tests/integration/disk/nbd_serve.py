@@ -12,21 +12,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imgtest import run, expect, finish  # noqa: E402
+from imgtest import run, expect, finish, wait_unix  # noqa: E402
 
 KEEL = sys.argv[1]
-
-
-def wait_unix(path):
-    for _ in range(250):
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            s.close()
-            return True
-        except OSError:
-            time.sleep(0.02)
-    return False
 
 
 def wait_tcp(port):

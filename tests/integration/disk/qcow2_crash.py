@@ -21,6 +21,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imgtest import direct_io_dir  # noqa: E402
+
 KEEL = sys.argv[1]
 ITERATIONS = int(os.environ.get("KEEL_CRASH_ITERATIONS", "300"))
 
@@ -35,16 +38,20 @@ def main():
         ("cluster_size=4096,refcount_bits=4", "8k"),
         ("cluster_size=512,refcount_bits=64", "2k"),
         ("cluster_size=65536,compression_type=zstd,refcount_bits=1", "64k"),
+        ("cluster_size=32768,extended_l2=on", "3k"),  # subclusters of 1 KiB
+        ("cluster_size=4096,refcount_bits=8", "6k", "none"),  # O_DIRECT: metadata through aligned I/O
+        ("cluster_size=16384,extended_l2=on", "1k", "none"),
     ]
     with tempfile.TemporaryDirectory(prefix="keel-crash-") as tmp:
-        img = os.path.join(tmp, "crash.qcow2")
+        img = os.path.join(direct_io_dir(tmp), "crash.qcow2")
         for i in range(ITERATIONS):
-            opts, req = configs[(i // 25) % len(configs)]
+            opts, req, *cache = configs[(i // 25) % len(configs)]
+            cache_args = ["-t", cache[0]] if cache else []
             if i % 25 == 0:
                 subprocess.run([KEEL, "create", "-f", "qcow2", "-o", opts, img, "48M"], check=True,
                                stdout=subprocess.DEVNULL)
             flush = rng.choice(["1", "7", "50", "1000000"])
-            writer = subprocess.Popen([KEEL, "bench", "--mixed", "-c", "100000000", "-d", "2", "-s", req,
+            writer = subprocess.Popen([KEEL, "bench", "--mixed", *cache_args, "-c", "100000000", "-d", "2", "-s", req,
                                        f"--flush-interval={flush}", img],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(rng.uniform(0.005, 0.12))
@@ -56,7 +63,7 @@ def main():
                 continue
             q = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
             if q.returncode not in (0, 3):
-                print(f"iteration {i} ({opts}, flush every {flush}): qemu-img check exit {q.returncode}\n"
+                print(f"iteration {i} ({opts} {cache_args}, flush every {flush}): qemu-img check exit {q.returncode}\n"
                       f"{q.stdout[-1500:]}{q.stderr[-1500:]}")
                 failures += 1
                 subprocess.run(["cp", img, f"/tmp/keel-crash-failed-{i}.qcow2"])
