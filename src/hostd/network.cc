@@ -349,6 +349,50 @@ Result<std::string> Networks::create_tap(const std::string& network, const std::
   return tap;
 }
 
+Result<void> Networks::add_vhost_user_port(const std::string& network, const std::string& port,
+                                           const std::string& socket) {
+  if (!on_switch()) return fail_invalid("vhost-user NICs need the keel-switch network backend");
+  if (!valid_ifname(port)) return fail_invalid("port name '{}' is not an interface name", port);
+  TRY(start(network));
+  auto rec = TRY(get(network));
+  auto def = TRY(network_from_json(rec.definition));
+  (void)run_ctl({"del-port", port});  // a port left by a guest that went away without keeld
+  // QEMU listens (vhost-server-path, OVS's dpdkvhostuserclient): the socket lives in the VM's runtime
+  // dir, owned by QEMU's user, and either side can restart while the other reconnects.
+  TRY(run_ctl({"add-port", def.bridge, port, "--", "set", "interface", port, "type=vhostuser",
+               "options:vhost-server-path=" + socket}));
+  return ok();
+}
+
+Result<PortCounters> Networks::port_counters(const std::string& network, const std::string& port) {
+  if (!on_switch() || !switch_reachable()) return fail(ENOENT, "no keel-switch");
+  auto rec = TRY(get(network));
+  auto def = TRY(network_from_json(rec.definition));
+  // Lines: "PORT (OFPORT): rx_packets=N rx_bytes=N rx_dropped=N tx_packets=N tx_bytes=N tx_dropped=N".
+  std::string text = TRY(run_ctl({"port-stats", def.bridge}));
+  std::string prefix = port + " (";
+  size_t i = 0;
+  while (i < text.size()) {
+    size_t j = text.find('\n', i);
+    if (j == std::string::npos) j = text.size();
+    std::string_view line(text.data() + i, j - i);
+    i = j + 1;
+    if (line.substr(0, prefix.size()) != prefix) continue;
+    PortCounters c;
+    auto field = [&](std::string_view key, uint64_t& out) {
+      std::string k = " " + std::string(key) + "=";
+      auto at = line.find(k);
+      if (at != std::string_view::npos) out = std::strtoull(std::string(line.substr(at + k.size())).c_str(), nullptr, 10);
+    };
+    field("rx_bytes", c.rx_bytes);
+    field("rx_packets", c.rx_packets);
+    field("tx_bytes", c.tx_bytes);
+    field("tx_packets", c.tx_packets);
+    return c;
+  }
+  return fail(ENOENT, fmt::format("no port {} on {}", port, def.bridge));
+}
+
 void Networks::delete_tap(const std::string& tap) {
   if (on_switch() && valid_ifname(tap) && switch_reachable()) (void)run_ctl({"del-port", tap});
   if (valid_ifname(tap) && link_exists(tap)) (void)run_ip({"link", "del", tap});
