@@ -381,7 +381,9 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
     std::string port = tap_name(def.uuid, n.id);
     qemu::NicBackend backend;
     Result<void> made = ok();
-    if (n.kind == qemu::NicKind::Network && networks_.vhost_user_nics()) {
+    // A restored guest keeps taps: its saved RAM is private memory (QEMU cannot save a guest with a
+    // vhost-user NIC: keel-switch does no dirty logging), which a memfd backend could not load.
+    if (n.kind == qemu::NicKind::Network && networks_.vhost_user_nics() && !incoming) {
       backend.type = qemu::NicBackendType::VhostUser;
       backend.socket = vhost_socket_path(dir, n.id);
       if (backend.socket.size() > 107) {

@@ -220,9 +220,12 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
     ping each other. keeld runs in a network namespace of its own, so nothing touches the host's
     networking. On keel-switch the guest NICs are vhost-user ports (the default; QEMU listens on a
     socket in the VM's runtime dir, guest memory is a shared memfd) or, with --switch-nic tap, taps
-    read by AF_PACKET; a NIC hot-plugged after a keeld restart is of the same kind and its port goes
-    when it is unplugged, and destroy removes the guest's ports."""
-    extra = ["--network-backend", backend]
+    read by AF_PACKET. keeld restarts (the tap case: into vhost-user mode); the ports and sockets stay.
+    A NIC hot-plugged then is of the guests' kind (a tap guest's memory is private, so it stays on
+    taps) and its port goes when it is unplugged. A vhost-user guest cannot be saved (clear error); a
+    tap guest saves and restores on taps. destroy removes the guest's ports."""
+    # QEMU as nobody: keeld must leave the vhost-user socket where an unprivileged QEMU can make it.
+    extra = ["--network-backend", backend, "--qemu-user", "nobody"]
     if backend == "switch" and switch_nic != "vhost-user":
         extra += ["--switch-nic", switch_nic]  # vhost-user is the default: not passed
     k = Keeld(args, extra=extra, netns_cmd=["unshare", "--net", "--"])
@@ -235,12 +238,12 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
         check(p.returncode == 0, f"keel-switch-ctl {' '.join(argv)}: {p.stderr}")
         return p.stdout
 
-    def check_port(name, port, nic_id):
-        """The switch has the guest NIC's port, of the kind keeld was asked for."""
+    def check_port(name, port, nic_id, kind=switch_nic):
+        """The switch has the guest NIC's port, of that kind."""
         show = ctl("show")
         m = re.search(rf"Interface {port}\n((?:\s{{16}}.*\n)*)", show)
         check(m is not None, f"port {port} of {name} not in keel-switch show:\n{show}")
-        if switch_nic == "vhost-user":
+        if kind == "vhost-user":
             sock = os.path.join(k.state, "run", name, f"{nic_id}.vhost")
             check("type: vhostuser" in m.group(1) and f"vhost-server-path: {sock}" in m.group(1),
                   f"{port} is not a vhost-user port on {sock}:\n{show}")
@@ -261,6 +264,7 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
             check(status == 200, f"start {name}: {body}")
         macs = {n: k.api("GET", f"/v1/domains/{n}/definition")[1]["nics"][0]["mac"] for n in ("na", "nb")}
         ports = {n: "kt" + k.api("GET", f"/v1/domains/{n}")[1]["uuid"][:8] + "-0" for n in ("na", "nb")}
+        check(k.api("GET", "/v1/domains/na")[1]["security"]["user"] == "nobody", "QEMU does not run as nobody")
         if backend == "switch":
             for n in ("na", "nb"):
                 check_port(n, ports[n], "net0")
@@ -295,6 +299,7 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
             k.stop()
             check(os.path.exists(f"/proc/{switch_pid}"), "keel-switch did not outlive keeld")
             k.netns_cmd = ["nsenter", f"--net=/proc/{switch_pid}/ns/net", "--"]
+            k.extra = [a for a in k.extra if a not in ("--switch-nic", "tap")]  # back to the default
             k.start()
             status, body = k.api("POST", "/v1/networks/default/start")
             check(status == 200, f"network start after keeld restart: {body}")
@@ -305,12 +310,15 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
             out = k.console_run("nb", f"ping -c 1 -W 2 {leases[macs['na']]} && echo PING-OK", "NQ", timeout=30)
             check("PING-OK" in out.replace("echo PING-OK", ""), f"nb cannot ping na after keeld restart: {out}")
 
-            # Hot-plug through the re-attached monitor: the new NIC is a port of the same kind.
+            # Hot-plug through the re-attached monitor: the new NIC is a port of the guest's kind (a
+            # tap guest's memory is private: the switch could not map it).
             hot_mac = "52:54:00:77:00:01"
             status, body = k.api("POST", "/v1/domains/nb/nics", {"network": "default", "mac": hot_mac, "id": "net5"})
             check(status == 201, f"attach nic: {status} {body}")
             hot_port = ports["nb"][:-1] + "5"
             check_port("nb", hot_port, "net5")
+            if switch_nic == "tap":
+                check("nic net5 is a tap (guest memory is not shared" in k.read_log(), k.read_log())
             deadline = time.time() + 30
             while True:
                 out = k.console_run("nb", "cat /sys/class/net/*/address", "NH")
@@ -324,6 +332,27 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
             check(not os.path.exists(os.path.join(k.state, "run", "nb", "net5.vhost")), "socket left after unplug")
             out = k.console_run("nb", "cat /sys/class/net/*/address", "NU")
             check(hot_mac not in out.replace("cat /sys", ""), f"unplugged NIC still in nb: {out}")
+            if switch_nic == "vhost-user":
+                # QEMU refuses to migrate (save) a guest whose vhost-user backend cannot log dirty
+                # pages; keel-switch cannot yet. The error says so and the guest keeps running.
+                save_file = os.path.join(k.dir, "nb.save")
+                status, body = k.api("POST", "/v1/domains/nb/save", {"file": save_file})
+                check(status == 400 and "vhost-user" in body["error"]["message"], f"save: {status} {body}")
+                check(k.state_of("nb") == "running" and not os.path.exists(save_file), "nb after a refused save")
+            else:
+                # Saved on taps, restored on taps (the saved RAM is private memory) though keeld now
+                # makes vhost-user NICs.
+                save_file = os.path.join(k.dir, "nb.save")
+                status, body = k.api("POST", "/v1/domains/nb/save", {"file": save_file})
+                check(status == 200, f"save: {status} {body}")
+                check(ports["nb"] not in ctl("list-ports", "keelbr0"), "nb's port left after save")
+                status, body = k.api("POST", "/v1/restore", {"file": save_file})
+                check(status == 200, f"restore: {status} {body}")
+                check_port("nb", ports["nb"], "net0")
+                # Three tries: the first frame after a restore was once seen lost (on taps, also
+                # before vhost-user NICs existed); the guest must reach na, not on the first frame.
+                out = k.console_run("nb", f"ping -c 3 -W 2 {leases[macs['na']]} && echo PING-OK", "NR", timeout=30)
+                check("PING-OK" in out.replace("echo PING-OK", ""), f"nb cannot ping na after restore: {out}")
             # destroy removes the guest's port (and socket).
             check(k.api("POST", "/v1/domains/na/destroy")[0] == 200, "destroy na")
             check(ports["na"] not in ctl("list-ports", "keelbr0"), f"{ports['na']} left on the switch after destroy")
