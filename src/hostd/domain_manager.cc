@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -60,6 +61,15 @@ std::string tap_name(const std::string& uuid, const std::string& nic_id) {
 // QEMU's user, so an unprivileged QEMU can make the socket and the switch (root) can reach it.
 std::string vhost_socket_path(const std::string& run_dir, const std::string& nic_id) {
   return run_dir + "/" + nic_id + ".vhost";
+}
+
+// The socket path for a new vhost-user NIC, with any stale socket file removed.
+Result<std::string> fresh_vhost_socket(const std::string& run_dir, const std::string& nic_id) {
+  std::string path = vhost_socket_path(run_dir, nic_id);
+  if (path.size() >= sizeof(sockaddr_un::sun_path))
+    return fail_invalid("nic {}: socket path too long for a unix socket: {}", nic_id, path);
+  ::unlink(path.c_str());
+  return path;
 }
 
 void restore_owners(const json& owners) {
@@ -385,14 +395,14 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
     // vhost-user NIC: keel-switch does no dirty logging), which a memfd backend could not load.
     if (n.kind == qemu::NicKind::Network && networks_.vhost_user_nics() && !incoming) {
       backend.type = qemu::NicBackendType::VhostUser;
-      backend.socket = vhost_socket_path(dir, n.id);
-      if (backend.socket.size() > 107) {
-        cleanup_taps();
-        return fail_invalid("nic {}: socket path too long for a unix socket: {}", n.id, backend.socket);
+      auto socket = fresh_vhost_socket(dir, n.id);
+      if (socket) {
+        backend.socket = *socket;
+        // The port first: QEMU waits at start until the switch has connected to its socket.
+        made = networks_.add_vhost_user_port(n.network, port, backend.socket);
+      } else {
+        made = fail(socket.error());
       }
-      ::unlink(backend.socket.c_str());
-      // The port first: QEMU waits at start until the switch has connected to its socket.
-      made = networks_.add_vhost_user_port(n.network, port, backend.socket);
       shared_memory = true;
     } else {
       backend.tap = port;
@@ -743,10 +753,7 @@ Result<qemu::NicDef> DomainManager::attach_nic(const std::string& name, qemu::Ni
     };
     if (vhost_user) {
       backend.type = qemu::NicBackendType::VhostUser;
-      backend.socket = vhost_socket_path(run_dir(name), nic.id);
-      if (backend.socket.size() > 107)
-        return fail_invalid("nic {}: socket path too long for a unix socket: {}", nic.id, backend.socket);
-      ::unlink(backend.socket.c_str());
+      backend.socket = TRY(fresh_vhost_socket(run_dir(name), nic.id));
       // QEMU listens first; then the switch port, which connects; netdev_add waits for that connection.
       TRY(r->qmp->execute("chardev-add", qemu::chardev_add_args(nic, backend.socket)));
       if (auto p = networks_.add_vhost_user_port(nic.network, host_port, backend.socket); !p) {
