@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -64,6 +65,29 @@ bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds tim
 }
 
 }  // namespace
+
+Result<PortCounters> parse_port_stats(std::string_view text, std::string_view port) {
+  // Lines: "PORT (OFPORT): rx_packets=N rx_bytes=N rx_dropped=N tx_packets=N tx_bytes=N tx_dropped=N".
+  std::string prefix = std::string(port) + " (";
+  while (!text.empty()) {
+    size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    if (line.substr(0, prefix.size()) != prefix) continue;
+    PortCounters c;
+    for (auto [key, out] : {std::pair<std::string_view, uint64_t*>{"rx_bytes", &c.rx_bytes},
+                            {"rx_packets", &c.rx_packets}, {"tx_bytes", &c.tx_bytes}, {"tx_packets", &c.tx_packets}}) {
+      std::string k = " " + std::string(key) + "=";
+      auto at = line.find(k);
+      if (at == std::string_view::npos) return fail(EIO, fmt::format("port-stats of {}: no {}", port, key));
+      auto digits = line.substr(at + k.size());
+      auto [ptr, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), *out);
+      if (ec != std::errc() || ptr == digits.data()) return fail(EIO, fmt::format("port-stats of {}: bad {}", port, key));
+    }
+    return c;
+  }
+  return fail(ENOENT, fmt::format("port-stats: no port {}", port));
+}
 
 Result<NetworkDef> network_from_json(const json& j) {
   if (!j.is_object()) return fail_invalid("network: expected an object");
@@ -368,29 +392,7 @@ Result<PortCounters> Networks::port_counters(const std::string& network, const s
   if (!on_switch() || !switch_reachable()) return fail(ENOENT, "no keel-switch");
   auto rec = TRY(get(network));
   auto def = TRY(network_from_json(rec.definition));
-  // Lines: "PORT (OFPORT): rx_packets=N rx_bytes=N rx_dropped=N tx_packets=N tx_bytes=N tx_dropped=N".
-  std::string text = TRY(run_ctl({"port-stats", def.bridge}));
-  std::string prefix = port + " (";
-  size_t i = 0;
-  while (i < text.size()) {
-    size_t j = text.find('\n', i);
-    if (j == std::string::npos) j = text.size();
-    std::string_view line(text.data() + i, j - i);
-    i = j + 1;
-    if (line.substr(0, prefix.size()) != prefix) continue;
-    PortCounters c;
-    auto field = [&](std::string_view key, uint64_t& out) {
-      std::string k = " " + std::string(key) + "=";
-      auto at = line.find(k);
-      if (at != std::string_view::npos) out = std::strtoull(std::string(line.substr(at + k.size())).c_str(), nullptr, 10);
-    };
-    field("rx_bytes", c.rx_bytes);
-    field("rx_packets", c.rx_packets);
-    field("tx_bytes", c.tx_bytes);
-    field("tx_packets", c.tx_packets);
-    return c;
-  }
-  return fail(ENOENT, fmt::format("no port {} on {}", port, def.bridge));
+  return parse_port_stats(TRY(run_ctl({"port-stats", def.bridge})), port);
 }
 
 void Networks::delete_tap(const std::string& tap) {

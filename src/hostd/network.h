@@ -15,6 +15,7 @@
 
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -50,6 +51,9 @@ struct SwitchBackend {
 struct PortCounters {
   uint64_t rx_bytes = 0, rx_packets = 0, tx_bytes = 0, tx_packets = 0;
 };
+
+// `port`'s counters from `keel-switch-ctl port-stats BRIDGE` output; ENOENT when it is not listed.
+Result<PortCounters> parse_port_stats(std::string_view text, std::string_view port);
 
 class Networks {
 public:
