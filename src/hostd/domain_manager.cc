@@ -51,10 +51,18 @@ std::string tail_of_file(const std::string& path, size_t max) {
 }
 
 std::string tap_name(const std::string& uuid, const std::string& nic_id) {
-  // Linux interface names are at most 15 characters: "kt" + 8 hex of the uuid + the NIC's id.
+  // Linux interface names are at most 15 characters: "kt" + 8 hex of the uuid + "-" + the NIC's id
+  // without "net" ("kt1a2b3c4d-0"). An id too long for that becomes 4 hex of its hash rather than
+  // being cut, so ids that only differ at the end ("frontend1", "frontend2") keep apart.
   std::string id = nic_id;
   if (id.rfind("net", 0) == 0) id = id.substr(3);
-  return ("kt" + uuid.substr(0, 8) + "-" + id).substr(0, 15);
+  std::string prefix = "kt" + uuid.substr(0, 8) + "-";
+  if (prefix.size() + id.size() > 15) {
+    uint32_t h = 2166136261u;  // FNV-1a
+    for (unsigned char c : nic_id) h = (h ^ c) * 16777619u;
+    id = fmt::format("{:04x}", (h ^ (h >> 16)) & 0xffff);
+  }
+  return prefix + id;
 }
 
 // Where QEMU listens for keel-switch on a vhost-user NIC: in the VM's runtime dir, which belongs to

@@ -312,13 +312,18 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
 
             # Hot-plug through the re-attached monitor: the new NIC is a port of the guest's kind (a
             # tap guest's memory is private: the switch could not map it).
-            hot_mac = "52:54:00:77:00:01"
-            status, body = k.api("POST", "/v1/domains/nb/nics", {"network": "default", "mac": hot_mac, "id": "net5"})
+            # An id too long for an interface name: its port gets a hashed name of its own.
+            hot_mac, hot_id = "52:54:00:77:00:01", "frontend-hot"
+            before = set(ctl("list-ports", "keelbr0").split())
+            status, body = k.api("POST", "/v1/domains/nb/nics", {"network": "default", "mac": hot_mac, "id": hot_id})
             check(status == 201, f"attach nic: {status} {body}")
-            hot_port = ports["nb"][:-1] + "5"
-            check_port("nb", hot_port, "net5")
+            new_ports = set(ctl("list-ports", "keelbr0").split()) - before
+            check(len(new_ports) == 1, f"ports added by the hot-plug: {new_ports}")
+            hot_port = new_ports.pop()
+            check(re.fullmatch(ports["nb"][:-1] + "[0-9a-f]{4}", hot_port) is not None, f"port name {hot_port}")
+            check_port("nb", hot_port, hot_id)
             if switch_nic == "tap":
-                check("nic net5 is a tap (guest memory is not shared" in k.read_log(), k.read_log())
+                check(f"nic {hot_id} is a tap (guest memory is not shared" in k.read_log(), k.read_log())
             deadline = time.time() + 30
             while True:
                 out = k.console_run("nb", "cat /sys/class/net/*/address", "NH")
@@ -326,10 +331,10 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
                     break
                 check(time.time() < deadline, f"hot-plugged NIC not seen in nb: {out}")
                 time.sleep(1)
-            status, body = k.api("DELETE", "/v1/domains/nb/nics/net5")
+            status, body = k.api("DELETE", f"/v1/domains/nb/nics/{hot_id}")
             check(status == 200, f"detach nic: {status} {body}")
             check(hot_port not in ctl("list-ports", "keelbr0"), f"{hot_port} left on the switch after unplug")
-            check(not os.path.exists(os.path.join(k.state, "run", "nb", "net5.vhost")), "socket left after unplug")
+            check(not os.path.exists(os.path.join(k.state, "run", "nb", f"{hot_id}.vhost")), "socket left after unplug")
             out = k.console_run("nb", "cat /sys/class/net/*/address", "NU")
             check(hot_mac not in out.replace("cat /sys", ""), f"unplugged NIC still in nb: {out}")
             if switch_nic == "vhost-user":
