@@ -223,7 +223,8 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
     read by AF_PACKET. keeld restarts (the tap case: into vhost-user mode); the ports and sockets stay.
     A NIC hot-plugged then is of the guests' kind (a tap guest's memory is private, so it stays on
     taps) and its port goes when it is unplugged. A vhost-user guest cannot be saved (clear error); a
-    tap guest saves and restores on taps. destroy removes the guest's ports."""
+    tap guest saves and restores on taps. keel-switch is killed and started again by keeld: the
+    guests' ports come back and carry pings. destroy removes the guest's ports."""
     # QEMU as nobody: keeld must leave the vhost-user socket where an unprivileged QEMU can make it.
     extra = ["--network-backend", backend, "--qemu-user", "nobody"]
     if backend == "switch" and switch_nic != "vhost-user":
@@ -358,6 +359,19 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
                 # before vhost-user NICs existed); the guest must reach na, not on the first frame.
                 out = k.console_run("nb", f"ping -c 3 -W 2 {leases[macs['na']]} && echo PING-OK", "NR", timeout=30)
                 check("PING-OK" in out.replace("echo PING-OK", ""), f"nb cannot ping na after restore: {out}")
+            # keel-switch dies (SIGKILL, by its pid); starting the network starts it again from its
+            # saved configuration and it reconnects to the guests' sockets (or taps).
+            os.kill(switch_pid, signal.SIGKILL)
+            deadline = time.time() + 10
+            while os.path.exists(f"/proc/{switch_pid}") and time.time() < deadline:
+                time.sleep(0.05)
+            status, body = k.api("POST", "/v1/networks/default/start")
+            check(status == 200, f"network start after keel-switch died: {body}")
+            with open(os.path.join(k.state, "run", "keel-switch.pid")) as f:
+                check(int(f.read().strip()) != switch_pid, "keel-switch was not started again")
+            check_port("nb", ports["nb"], "net0")
+            out = k.console_run("nb", f"ping -c 3 -W 2 {leases[macs['na']]} && echo PING-OK", "NS", timeout=30)
+            check("PING-OK" in out.replace("echo PING-OK", ""), f"nb cannot ping na after keel-switch restarted: {out}")
             # destroy removes the guest's port (and socket).
             check(k.api("POST", "/v1/domains/na/destroy")[0] == 200, "destroy na")
             check(ports["na"] not in ctl("list-ports", "keelbr0"), f"{ports['na']} left on the switch after destroy")
