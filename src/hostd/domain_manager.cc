@@ -71,6 +71,13 @@ std::string vhost_socket_path(const std::string& run_dir, const std::string& nic
   return run_dir + "/" + nic_id + ".vhost";
 }
 
+// What dominfo shows of how a running guest's NIC reaches the host (kept in the domain's live state).
+json nic_host_json(const qemu::NicBackend& b, const std::string& port) {
+  if (b.type == qemu::NicBackendType::VhostUser)
+    return {{"type", "vhost-user"}, {"port", port}, {"socket", b.socket}};
+  return {{"type", "tap"}, {"port", port}};
+}
+
 // The socket path for a new vhost-user NIC, with any stale socket file removed.
 Result<std::string> fresh_vhost_socket(const std::string& run_dir, const std::string& nic_id) {
   std::string path = vhost_socket_path(run_dir, nic_id);
@@ -290,6 +297,17 @@ Result<json> DomainManager::info(const std::string& name) {
     auto it = running_.find(name);
     j["monitor"] = it != running_.end() && it->second->qmp && it->second->qmp->connected();
   }
+  json nics = json::array();
+  for (auto& n : def.nics) {
+    json nj = {{"id", n.id}, {"mac", n.mac}, {"kind", std::string(qemu::to_string(n.kind))}};
+    if (n.kind == qemu::NicKind::Network) nj["network"] = n.network;
+    if (n.kind == qemu::NicKind::Bridge) nj["bridge"] = n.bridge;
+    // While it runs: a vhost-user port or a tap (and its switch port), as started or hot-plugged.
+    const json live_nics = rec.live.is_object() ? rec.live.value("nics", json::object()) : json::object();
+    if (rec.pid > 0 && live_nics.contains(n.id)) nj["host"] = live_nics[n.id];
+    nics.push_back(nj);
+  }
+  j["nics"] = nics;
   j["security"] = {{"sandbox", cfg_.sandbox}};
   if (rec.pid > 0) j["security"]["user"] = qemu::user_name(qemu::process_uid(static_cast<pid_t>(rec.pid)));
   return j;
@@ -394,6 +412,7 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
     for (auto& t : ports) networks_.delete_tap(t);
   };
   bool shared_memory = false;
+  json nic_hosts = json::object();
   for (auto& n : def.nics) {
     if (n.kind == qemu::NicKind::User) continue;
     std::string port = tap_name(def.uuid, n.id);
@@ -424,6 +443,7 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
     }
     ports.push_back(port);
     lc.nic_backends.push_back(backend);
+    nic_hosts[n.id] = nic_host_json(backend, port);
   }
   auto argv = qemu::build_command_line(def, lc);
   if (!argv) {
@@ -444,6 +464,7 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   rec.live["owners"] = owners;
   // Whether a NIC hot-plugged later can be vhost-user (the switch needs guest memory it can map).
   rec.live["shared_memory"] = shared_memory || def.hugepages;
+  rec.live["nics"] = nic_hosts;
   TRY(store_.update_domain(rec));
   auto attached = attach(rec.name, *pid);
   if (!attached) {
@@ -787,6 +808,7 @@ Result<qemu::NicDef> DomainManager::attach_nic(const std::string& name, qemu::Ni
       return fail(dev.error());
     }
     rec.live["ports"][port] = nic.id;
+    if (nic.kind != qemu::NicKind::User) rec.live["nics"][nic.id] = nic_host_json(backend, host_port);
   }
   rec.definition = qemu::domain_to_json(def);
   TRY(store_.update_domain(rec));
@@ -880,6 +902,7 @@ Result<void> DomainManager::detach_nic(const std::string& name, const std::strin
       (void)r->qmp->execute("chardev-remove", {{"id", qemu::nic_chardev_id(nic)}});
       networks_.delete_tap(tap_name(def.uuid, nic.id));
       ::unlink(vhost_socket_path(run_dir(name), nic.id).c_str());
+      if (rec.live.contains("nics")) rec.live["nics"].erase(nic.id);
     }
     json& ports = rec.live["ports"];
     for (auto p = ports.begin(); p != ports.end(); ++p)

@@ -240,7 +240,10 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
         return p.stdout
 
     def check_port(name, port, nic_id, kind=switch_nic):
-        """The switch has the guest NIC's port, of that kind."""
+        """The switch has the guest NIC's port, of that kind, and dominfo says so."""
+        info = k.api("GET", f"/v1/domains/{name}")[1]
+        host = [n.get("host", {}) for n in info["nics"] if n["id"] == nic_id]
+        check(host and host[0].get("type") == kind and host[0].get("port") == port, f"dominfo nics: {info['nics']}")
         show = ctl("show")
         m = re.search(rf"Interface {port}\n((?:\s{{16}}.*\n)*)", show)
         check(m is not None, f"port {port} of {name} not in keel-switch show:\n{show}")
@@ -266,6 +269,10 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
         macs = {n: k.api("GET", f"/v1/domains/{n}/definition")[1]["nics"][0]["mac"] for n in ("na", "nb")}
         ports = {n: "kt" + k.api("GET", f"/v1/domains/{n}")[1]["uuid"][:8] + "-0" for n in ("na", "nb")}
         check(k.api("GET", "/v1/domains/na")[1]["security"]["user"] == "nobody", "QEMU does not run as nobody")
+        if backend == "switch":
+            p = k.keel("dominfo", "na", check_rc=0)
+            check(re.search(rf"NIC: +net0  {macs['na']}  network default  {switch_nic} {ports['na']}", p.stdout),
+                  p.stdout)
         if backend == "switch":
             for n in ("na", "nb"):
                 check_port(n, ports[n], "net0")
