@@ -432,6 +432,17 @@ int main(int argc, char** argv) {
       row("Machine:", str(j, "machine"));
       row("Accelerator:", str(j, "accelerator"));
       row("Persistent:", "yes");
+      for (auto& n : j.value("nics", json::array())) {
+        if (!n.is_object()) continue;
+        // "net0  52:54:00:12:34:56  network default  vhost-user kt1a2b3c4d-0"
+        std::string where = n.value("kind", "");
+        if (n.contains("network")) where += " " + n.value("network", "");
+        if (n.contains("bridge")) where += " " + n.value("bridge", "");
+        std::string line = fmt::format("{}  {}  {}", n.value("id", ""), n.value("mac", ""), where);
+        if (n.contains("host") && n["host"].is_object())
+          line += fmt::format("  {} {}", n["host"].value("type", ""), n["host"].value("port", ""));
+        row("NIC:", line);
+      }
       return kOk;
     };
   });

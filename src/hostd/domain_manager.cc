@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -50,12 +51,41 @@ std::string tail_of_file(const std::string& path, size_t max) {
 }
 
 std::string tap_name(const std::string& uuid, const std::string& nic_id) {
-  // Linux interface names are at most 15 characters: "kt" + 8 hex of the uuid + the NIC's id.
+  // Linux interface names are at most 15 characters: "kt" + 8 hex of the uuid + "-" + the NIC's id
+  // without "net" ("kt1a2b3c4d-0"). An id too long for that becomes 4 hex of its hash rather than
+  // being cut, so ids that only differ at the end ("frontend1", "frontend2") keep apart.
   std::string id = nic_id;
   if (id.rfind("net", 0) == 0) id = id.substr(3);
-  return ("kt" + uuid.substr(0, 8) + "-" + id).substr(0, 15);
+  std::string prefix = "kt" + uuid.substr(0, 8) + "-";
+  if (prefix.size() + id.size() > 15) {
+    uint32_t h = 2166136261u;  // FNV-1a
+    for (unsigned char c : nic_id) h = (h ^ c) * 16777619u;
+    id = fmt::format("{:04x}", (h ^ (h >> 16)) & 0xffff);
+  }
+  return prefix + id;
 }
 
+// Where QEMU listens for keel-switch on a vhost-user NIC: in the VM's runtime dir, which belongs to
+// QEMU's user, so an unprivileged QEMU can make the socket and the switch (root) can reach it.
+std::string vhost_socket_path(const std::string& run_dir, const std::string& nic_id) {
+  return run_dir + "/" + nic_id + ".vhost";
+}
+
+// What dominfo shows of how a running guest's NIC reaches the host (kept in the domain's live state).
+json nic_host_json(const qemu::NicBackend& b, const std::string& port) {
+  if (b.type == qemu::NicBackendType::VhostUser)
+    return {{"type", "vhost-user"}, {"port", port}, {"socket", b.socket}};
+  return {{"type", "tap"}, {"port", port}};
+}
+
+// The socket path for a new vhost-user NIC, with any stale socket file removed.
+Result<std::string> fresh_vhost_socket(const std::string& run_dir, const std::string& nic_id) {
+  std::string path = vhost_socket_path(run_dir, nic_id);
+  if (path.size() >= sizeof(sockaddr_un::sun_path))
+    return fail_invalid("nic {}: socket path too long for a unix socket: {}", nic_id, path);
+  ::unlink(path.c_str());
+  return path;
+}
 
 void restore_owners(const json& owners) {
   if (!owners.is_object()) return;
@@ -267,6 +297,17 @@ Result<json> DomainManager::info(const std::string& name) {
     auto it = running_.find(name);
     j["monitor"] = it != running_.end() && it->second->qmp && it->second->qmp->connected();
   }
+  json nics = json::array();
+  for (auto& n : def.nics) {
+    json nj = {{"id", n.id}, {"mac", n.mac}, {"kind", std::string(qemu::to_string(n.kind))}};
+    if (n.kind == qemu::NicKind::Network) nj["network"] = n.network;
+    if (n.kind == qemu::NicKind::Bridge) nj["bridge"] = n.bridge;
+    // While it runs: a vhost-user port or a tap (and its switch port), as started or hot-plugged.
+    const json live_nics = rec.live.is_object() ? rec.live.value("nics", json::object()) : json::object();
+    if (rec.pid > 0 && live_nics.contains(n.id)) nj["host"] = live_nics[n.id];
+    nics.push_back(nj);
+  }
+  j["nics"] = nics;
   j["security"] = {{"sandbox", cfg_.sandbox}};
   if (rec.pid > 0) j["security"]["user"] = qemu::user_name(qemu::process_uid(static_cast<pid_t>(rec.pid)));
   return j;
@@ -365,22 +406,45 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   lc.sandbox = cfg_.sandbox;
   lc.start_paused = paused;
   lc.incoming_defer = incoming;
-  std::vector<std::string> taps;
+  // Each NIC's switch port or tap is named like the tap (delete_tap removes either).
+  std::vector<std::string> ports;
   auto cleanup_taps = [&] {
-    for (auto& t : taps) networks_.delete_tap(t);
+    for (auto& t : ports) networks_.delete_tap(t);
   };
+  bool shared_memory = false;
+  json nic_hosts = json::object();
   for (auto& n : def.nics) {
     if (n.kind == qemu::NicKind::User) continue;
-    std::string tap = tap_name(def.uuid, n.id);
-    auto made = n.kind == qemu::NicKind::Network ? networks_.create_tap(n.network, tap, uid)
-                                                 : networks_.create_bridge_tap(n.bridge, tap, uid);
+    std::string port = tap_name(def.uuid, n.id);
+    qemu::NicBackend backend;
+    Result<void> made = ok();
+    // A restored guest keeps taps: its saved RAM is private memory (QEMU cannot save a guest with a
+    // vhost-user NIC: keel-switch does no dirty logging), which a memfd backend could not load.
+    if (n.kind == qemu::NicKind::Network && networks_.vhost_user_nics() && !incoming) {
+      backend.type = qemu::NicBackendType::VhostUser;
+      auto socket = fresh_vhost_socket(dir, n.id);
+      if (socket) {
+        backend.socket = *socket;
+        // The port first: QEMU waits at start until the switch has connected to its socket.
+        made = networks_.add_vhost_user_port(n.network, port, backend.socket);
+      } else {
+        made = fail(socket.error());
+      }
+      shared_memory = true;
+    } else {
+      backend.tap = port;
+      auto tap = n.kind == qemu::NicKind::Network ? networks_.create_tap(n.network, port, uid)
+                                                  : networks_.create_bridge_tap(n.bridge, port, uid);
+      if (!tap) made = fail(tap.error());
+    }
     if (!made) {
       cleanup_taps();
       return fail(made.error().with_context(fmt::format("nic {}", n.id)));
     }
-    taps.push_back(tap);
+    ports.push_back(port);
+    lc.nic_backends.push_back(backend);
+    nic_hosts[n.id] = nic_host_json(backend, port);
   }
-  lc.tap_names = taps;
   auto argv = qemu::build_command_line(def, lc);
   if (!argv) {
     cleanup_taps();
@@ -398,6 +462,9 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   rec.state = paused || incoming ? "paused" : "running";
   rec.live = json::object();
   rec.live["owners"] = owners;
+  // Whether a NIC hot-plugged later can be vhost-user (the switch needs guest memory it can map).
+  rec.live["shared_memory"] = shared_memory || def.hugepages;
+  rec.live["nics"] = nic_hosts;
   TRY(store_.update_domain(rec));
   auto attached = attach(rec.name, *pid);
   if (!attached) {
@@ -467,8 +534,11 @@ void DomainManager::cleanup_after_stop(const std::string& name, pid_t pid, const
   if (pid != 0 && r.pid != pid && r.pid != 0) return;  // a newer run already
   bool was_running = r.pid != 0;
   if (auto def = qemu::domain_from_json(r.definition)) {
-    for (auto& n : def->nics)
-      if (n.kind != qemu::NicKind::User) networks_.delete_tap(tap_name(def->uuid, n.id));
+    for (auto& n : def->nics) {
+      if (n.kind == qemu::NicKind::User) continue;
+      networks_.delete_tap(tap_name(def->uuid, n.id));
+      ::unlink(vhost_socket_path(run_dir(name), n.id).c_str());
+    }
   }
   std::string dir = run_dir(name);
   for (auto f : {"/qmp.sock", "/console.sock", "/qemu.pid"}) ::unlink((dir + f).c_str());
@@ -691,23 +761,54 @@ Result<qemu::NicDef> DomainManager::attach_nic(const std::string& name, qemu::Ni
   if (running_.count(name)) {
     auto* r = TRY(running(name));
     std::string port = TRY(free_hotplug_port(name, rec));
-    std::string tap;
+    std::string host_port;  // the switch port or tap, both named like the tap
+    qemu::NicBackend backend;
     auto ident = identity_of(r->pid);
     int uid = ident.uid == static_cast<uid_t>(-1) ? -1 : static_cast<int>(ident.uid);
-    if (nic.kind == qemu::NicKind::Network) tap = TRY(networks_.create_tap(nic.network, tap_name(def.uuid, nic.id), uid));
-    if (nic.kind == qemu::NicKind::Bridge) tap = TRY(networks_.create_bridge_tap(nic.bridge, tap_name(def.uuid, nic.id), uid));
-    auto nd = r->qmp->execute("netdev_add", qemu::netdev_add_args(nic, tap));
+    if (nic.kind != qemu::NicKind::User) host_port = tap_name(def.uuid, nic.id);
+    bool vhost_user = nic.kind == qemu::NicKind::Network && networks_.vhost_user_nics();
+    if (vhost_user && !rec.live.value("shared_memory", false)) {
+      // The switch cannot map this guest's private memory: the NIC stays on a tap until a restart.
+      KEEL_LOG_WARN("domain {}: nic {} is a tap (guest memory is not shared; vhost-user after a restart)", name,
+                    nic.id);
+      vhost_user = false;
+    }
+    auto undo_host_port = [&] {
+      if (!host_port.empty()) networks_.delete_tap(host_port);
+      if (vhost_user) {
+        (void)r->qmp->execute("chardev-remove", {{"id", qemu::nic_chardev_id(nic)}});
+        ::unlink(backend.socket.c_str());
+      }
+    };
+    if (vhost_user) {
+      backend.type = qemu::NicBackendType::VhostUser;
+      backend.socket = TRY(fresh_vhost_socket(run_dir(name), nic.id));
+      // QEMU listens first; then the switch port, which connects; netdev_add waits for that connection.
+      TRY(r->qmp->execute("chardev-add", qemu::chardev_add_args(nic, backend.socket)));
+      if (auto p = networks_.add_vhost_user_port(nic.network, host_port, backend.socket); !p) {
+        host_port.clear();
+        undo_host_port();
+        return fail(p.error());
+      }
+    } else if (nic.kind != qemu::NicKind::User) {
+      backend.tap = host_port;
+      auto made = nic.kind == qemu::NicKind::Network ? networks_.create_tap(nic.network, host_port, uid)
+                                                     : networks_.create_bridge_tap(nic.bridge, host_port, uid);
+      if (!made) return fail(made.error());
+    }
+    auto nd = r->qmp->execute("netdev_add", qemu::netdev_add_args(nic, backend));
     if (!nd) {
-      if (!tap.empty()) networks_.delete_tap(tap);
+      undo_host_port();
       return fail(nd.error());
     }
-    auto dev = r->qmp->execute("device_add", qemu::nic_device_args(nic, port));
+    auto dev = r->qmp->execute("device_add", qemu::nic_device_args(nic, port, backend, cfg_.accel));
     if (!dev) {
-      (void)r->qmp->execute("netdev_del", {{"id", "hostnet-" + nic.id}});
-      if (!tap.empty()) networks_.delete_tap(tap);
+      (void)r->qmp->execute("netdev_del", {{"id", qemu::nic_netdev_id(nic)}});
+      undo_host_port();
       return fail(dev.error());
     }
     rec.live["ports"][port] = nic.id;
+    if (nic.kind != qemu::NicKind::User) rec.live["nics"][nic.id] = nic_host_json(backend, host_port);
   }
   rec.definition = qemu::domain_to_json(def);
   TRY(store_.update_domain(rec));
@@ -794,8 +895,15 @@ Result<void> DomainManager::detach_nic(const std::string& name, const std::strin
     auto* r = TRY(running(name));
     TRY(r->qmp->execute("device_del", {{"id", nic.id}}));
     TRY(wait_device_gone(*r->qmp, nic.id, 20s));
-    (void)r->qmp->execute("netdev_del", {{"id", "hostnet-" + nic.id}});
-    if (nic.kind != qemu::NicKind::User) networks_.delete_tap(tap_name(def.uuid, nic.id));
+    (void)r->qmp->execute("netdev_del", {{"id", qemu::nic_netdev_id(nic)}});
+    if (nic.kind != qemu::NicKind::User) {
+      // A vhost-user NIC's socket chardev (absent for a tap: the error is expected), its switch
+      // port, then the socket file.
+      (void)r->qmp->execute("chardev-remove", {{"id", qemu::nic_chardev_id(nic)}});
+      networks_.delete_tap(tap_name(def.uuid, nic.id));
+      ::unlink(vhost_socket_path(run_dir(name), nic.id).c_str());
+      if (rec.live.contains("nics")) rec.live["nics"].erase(nic.id);
+    }
     json& ports = rec.live["ports"];
     for (auto p = ports.begin(); p != ports.end(); ++p)
       if (p.value() == nic.id) {
@@ -891,6 +999,11 @@ Result<json> DomainManager::stats(const std::string& name) {
       // The tap's counters from the host side (what the host sends is what the guest receives),
       // from /proc/net/dev, which shows keeld's own network namespace.
       auto c = tap_counters(tap_name(def.uuid, n.id));
+      if (!c && n.kind == qemu::NicKind::Network) {
+        // A vhost-user NIC has no tap: the switch port's counters, which count the same way.
+        if (auto p = networks_.port_counters(n.network, tap_name(def.uuid, n.id)))
+          c = LinkCounters{p->rx_bytes, p->rx_packets, p->tx_bytes, p->tx_packets};
+      }
       if (c) {
         nj["rx_bytes"] = c->tx_bytes;
         nj["tx_bytes"] = c->rx_bytes;

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 
 #include "base/log.h"
 #include "base/process.h"
@@ -106,6 +107,11 @@ int run(int argc, char** argv) {
   app.add_option("--network-backend", network_backend,
                  "switch (keel-switch) or bridge (Linux bridges); default switch when keel-switch is found")
       ->check(CLI::IsMember({"switch", "bridge"}));
+  std::string switch_nic = "vhost-user";
+  app.add_option("--switch-nic", switch_nic,
+                 "Guest NICs on keel-switch networks: vhost-user (default: shared guest memory, no QEMU on the "
+                 "data path) or tap")
+      ->check(CLI::IsMember({"vhost-user", "tap"}));
   app.add_flag("--no-sandbox", no_sandbox, "Run QEMU without -sandbox (debugging only)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error");
   try {
@@ -156,6 +162,7 @@ int run(int argc, char** argv) {
   if (network_backend != "bridge") {
     auto sw = find_switch(state_dir);
     if (!sw.switch_binary.empty()) {
+      sw.vhost_user_nics = switch_nic == "vhost-user";
       networks.use_switch(sw);
     } else if (network_backend == "switch") {
       KEEL_LOG_ERROR("--network-backend switch: keel-switch and keel-switch-ctl not found (next to keeld or in PATH)");
@@ -163,7 +170,9 @@ int run(int argc, char** argv) {
     }
   }
   KEEL_LOG_INFO("network backend: {}{}", networks.backend_name(),
-                networks.on_switch() ? " (keel-switch control " + state_dir + "/run/keel-switch.sock)" : "");
+                networks.on_switch() ? fmt::format(" (keel-switch control {}/run/keel-switch.sock, guest NICs: {})",
+                                                   state_dir, switch_nic)
+                                     : "");
   DomainManagerConfig cfg;
   cfg.state_dir = state_dir;
   cfg.qemu_binary = qemu_binary;

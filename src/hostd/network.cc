@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -64,6 +65,29 @@ bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds tim
 }
 
 }  // namespace
+
+Result<PortCounters> parse_port_stats(std::string_view text, std::string_view port) {
+  // Lines: "PORT (OFPORT): rx_packets=N rx_bytes=N rx_dropped=N tx_packets=N tx_bytes=N tx_dropped=N".
+  std::string prefix = std::string(port) + " (";
+  while (!text.empty()) {
+    size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    if (line.substr(0, prefix.size()) != prefix) continue;
+    PortCounters c;
+    for (auto [key, out] : {std::pair<std::string_view, uint64_t*>{"rx_bytes", &c.rx_bytes},
+                            {"rx_packets", &c.rx_packets}, {"tx_bytes", &c.tx_bytes}, {"tx_packets", &c.tx_packets}}) {
+      std::string k = " " + std::string(key) + "=";
+      auto at = line.find(k);
+      if (at == std::string_view::npos) return fail(EIO, fmt::format("port-stats of {}: no {}", port, key));
+      auto digits = line.substr(at + k.size());
+      auto [ptr, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), *out);
+      if (ec != std::errc() || ptr == digits.data()) return fail(EIO, fmt::format("port-stats of {}: bad {}", port, key));
+    }
+    return c;
+  }
+  return fail(ENOENT, fmt::format("port-stats: no port {}", port));
+}
 
 Result<NetworkDef> network_from_json(const json& j) {
   if (!j.is_object()) return fail_invalid("network: expected an object");
@@ -347,6 +371,28 @@ Result<std::string> Networks::create_tap(const std::string& network, const std::
     return fail(port.error());
   }
   return tap;
+}
+
+Result<void> Networks::add_vhost_user_port(const std::string& network, const std::string& port,
+                                           const std::string& socket) {
+  if (!on_switch()) return fail_invalid("vhost-user NICs need the keel-switch network backend");
+  if (!valid_ifname(port)) return fail_invalid("port name '{}' is not an interface name", port);
+  TRY(start(network));
+  auto rec = TRY(get(network));
+  auto def = TRY(network_from_json(rec.definition));
+  (void)run_ctl({"del-port", port});  // a port left by a guest that went away without keeld
+  // QEMU listens (vhost-server-path, OVS's dpdkvhostuserclient): the socket lives in the VM's runtime
+  // dir, owned by QEMU's user, and either side can restart while the other reconnects.
+  TRY(run_ctl({"add-port", def.bridge, port, "--", "set", "interface", port, "type=vhostuser",
+               "options:vhost-server-path=" + socket}));
+  return ok();
+}
+
+Result<PortCounters> Networks::port_counters(const std::string& network, const std::string& port) {
+  if (!on_switch() || !switch_reachable()) return fail(ENOENT, "no keel-switch");
+  auto rec = TRY(get(network));
+  auto def = TRY(network_from_json(rec.definition));
+  return parse_port_stats(TRY(run_ctl({"port-stats", def.bridge})), port);
 }
 
 void Networks::delete_tap(const std::string& tap) {

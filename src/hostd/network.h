@@ -1,9 +1,11 @@
 // Networks: a bridge per network with dnsmasq (Debian's dnsmasq-base, as libvirt uses) for DHCP
 // and DNS, and tap devices for guest NICs. Two backends:
 //  - switch (default when keel-switch is found): one keel-switch daemon per host; a network is a
-//    keel-switch bridge whose internal port (a tap named like the bridge) carries the host address;
-//    a guest NIC is a tap that keel-switch reads with AF_PACKET (port type=system: QEMU holds the
-//    tap's only queue, so the switch cannot open it as type=tap).
+//    keel-switch bridge whose internal port (a tap named like the bridge) carries the host address.
+//    A guest NIC is a vhost-user port (the default, `keeld --switch-nic vhost-user`: QEMU listens on
+//    a socket in the VM's runtime dir, keel-switch connects and copies frames straight between guest
+//    memories) or a tap that keel-switch reads with AF_PACKET (`--switch-nic tap`; port type=system:
+//    QEMU holds the tap's only queue, so the switch cannot open it as type=tap).
 //  - bridge: a Linux bridge per network, guest taps enslaved to it.
 //
 // Modes: "isolated" (guests and host only), "routed" (the host forwards, no NAT), "nat" (routed and
@@ -13,6 +15,7 @@
 
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -41,7 +44,16 @@ struct SwitchBackend {
   std::string ctl_binary;      // keel-switch-ctl
   std::string state_dir;       // keel-switch --state-dir
   std::string ctl_socket;      // keel-switch --ctl-socket
+  bool vhost_user_nics = true; // guest NICs as vhost-user ports (else taps)
 };
+
+// A switch port's frame counters, as the switch sees them (rx = from the guest).
+struct PortCounters {
+  uint64_t rx_bytes = 0, rx_packets = 0, tx_bytes = 0, tx_packets = 0;
+};
+
+// `port`'s counters from `keel-switch-ctl port-stats BRIDGE` output; ENOENT when it is not listed.
+Result<PortCounters> parse_port_stats(std::string_view text, std::string_view port);
 
 class Networks {
 public:
@@ -51,6 +63,8 @@ public:
   void use_switch(SwitchBackend sw) { switch_ = std::move(sw); }
   bool on_switch() const { return !switch_.switch_binary.empty(); }
   std::string backend_name() const { return on_switch() ? "switch" : "bridge"; }
+  // Guest NICs on networks become vhost-user ports (keel-switch with --switch-nic vhost-user).
+  bool vhost_user_nics() const { return on_switch() && switch_.vhost_user_nics; }
 
   Result<void> ensure_default();
   Result<nlohmann::json> list();
@@ -64,7 +78,13 @@ public:
   // unprivileged QEMU can open it.
   Result<std::string> create_tap(const std::string& network, const std::string& tap_name, int uid);
   Result<std::string> create_bridge_tap(const std::string& bridge, const std::string& tap_name, int uid);
+  // A vhost-user port named `port` on the network's keel-switch bridge (the network is started if
+  // needed); the switch connects to `socket`, where QEMU listens, and reconnects while it is away.
+  Result<void> add_vhost_user_port(const std::string& network, const std::string& port, const std::string& socket);
+  // Deletes a guest NIC's switch port and tap (whichever exist).
   void delete_tap(const std::string& tap_name);
+  // Counters of a guest NIC's port on the network's keel-switch bridge.
+  Result<PortCounters> port_counters(const std::string& network, const std::string& port);
 
 private:
   Result<NetworkRecord> get(const std::string& name);

@@ -1,5 +1,6 @@
 #include "qemu/command_line.h"
 
+#include <algorithm>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -30,7 +31,6 @@ CacheFlags cache_flags(DiskCache c) {
 
 std::string file_node(const DiskDef& d) { return "file-" + d.id; }
 std::string format_node(const DiskDef& d) { return "fmt-" + d.id; }
-std::string netdev_id(const NicDef& n) { return "hostnet-" + n.id; }
 
 std::string cpu_option(const DomainDef& def, const LaunchConfig& cfg) {
   bool kvm = cfg.accel == Accelerator::Kvm;
@@ -48,6 +48,9 @@ std::string cpu_option(const DomainDef& def, const LaunchConfig& cfg) {
 }  // namespace
 
 std::string hotplug_port_id(int n) { return fmt::format("hotplug{}", n); }
+
+std::string nic_netdev_id(const NicDef& n) { return "hostnet-" + n.id; }
+std::string nic_chardev_id(const NicDef& n) { return "charnet-" + n.id; }
 
 json blockdev_add_args(const DiskDef& d) {
   CacheFlags cf = cache_flags(d.cache);
@@ -74,14 +77,26 @@ json disk_device_args(const DiskDef& d, const std::string& bus) {
   return j;
 }
 
-json netdev_add_args(const NicDef& n, const std::string& tap_name) {
-  if (n.kind == NicKind::User) return {{"type", "user"}, {"id", netdev_id(n)}};
-  return {{"type", "tap"}, {"id", netdev_id(n)}, {"ifname", tap_name}, {"script", "no"}, {"downscript", "no"}};
+json chardev_add_args(const NicDef& n, const std::string& socket) {
+  // server=on, wait=off: QEMU listens and keel-switch connects (and reconnects after either restarts).
+  json addr = {{"type", "unix"}, {"data", {{"path", socket}}}};
+  return {{"id", nic_chardev_id(n)},
+          {"backend", {{"type", "socket"}, {"data", {{"addr", addr}, {"server", true}, {"wait", false}}}}}};
 }
 
-json nic_device_args(const NicDef& n, const std::string& bus) {
+json netdev_add_args(const NicDef& n, const NicBackend& backend) {
+  if (n.kind == NicKind::User) return {{"type", "user"}, {"id", nic_netdev_id(n)}};
+  if (backend.type == NicBackendType::VhostUser)
+    return {{"type", "vhost-user"}, {"id", nic_netdev_id(n)}, {"chardev", nic_chardev_id(n)}};
+  return {{"type", "tap"}, {"id", nic_netdev_id(n)}, {"ifname", backend.tap}, {"script", "no"}, {"downscript", "no"}};
+}
+
+json nic_device_args(const NicDef& n, const std::string& bus, const NicBackend& backend, Accelerator accel) {
   // No option ROM: guests boot from disks or a kernel, never PXE, and qboot hangs on the ROM.
-  json j = {{"driver", "virtio-net-pci"}, {"netdev", netdev_id(n)}, {"id", n.id}, {"mac", n.mac}, {"romfile", ""}};
+  json j = {{"driver", "virtio-net-pci"}, {"netdev", nic_netdev_id(n)}, {"id", n.id}, {"mac", n.mac}, {"romfile", ""}};
+  // INTx instead of MSI-X: QEMU 7.2 under TCG segfaults in msix_set_vector_notifiers when a
+  // vhost-user virtio-net-pci with MSI-X vectors starts. KVM keeps MSI-X.
+  if (n.kind != NicKind::User && backend.type == NicBackendType::VhostUser && accel == Accelerator::Tcg) j["vectors"] = 0;
   if (!bus.empty()) j["bus"] = bus;
   return j;
 }
@@ -93,14 +108,19 @@ Result<std::vector<std::string>> build_command_line(const DomainDef& def, const 
 
   add({cfg.qemu_binary, "-name", fmt::format("guest={},debug-threads=on", def.name), "-uuid", def.uuid});
   add({"-nodefaults", "-no-user-config", "-msg", "timestamp=on"});
+  bool vhost_user = std::any_of(cfg.nic_backends.begin(), cfg.nic_backends.end(),
+                                [](const NicBackend& b) { return b.type == NicBackendType::VhostUser; });
   std::string machine = fmt::format("{},mem-merge={}", def.machine, def.ksm ? "on" : "off");
-  if (def.hugepages) machine += ",memory-backend=mem0";
+  if (def.hugepages || vhost_user) machine += ",memory-backend=mem0";
   add({"-machine", machine, "-accel", std::string(accel_name(cfg.accel))});
   add({"-cpu", cpu_option(def, cfg)});
   uint64_t mib = def.memory_bytes >> 20;
   add({"-m", fmt::format("{}M", mib)});
   if (def.hugepages)
     add({"-object", fmt::format("memory-backend-file,id=mem0,size={}M,mem-path=/dev/hugepages,share=on,prealloc=on", mib)});
+  else if (vhost_user)
+    // keel-switch maps guest memory to reach the virtqueues: it must be a shared file (a memfd).
+    add({"-object", fmt::format("memory-backend-memfd,id=mem0,size={}M,share=on", mib)});
   add({"-smp", fmt::format("{},sockets=1,cores={},threads=1", def.vcpus, def.vcpus)});
 
   if (def.boot.firmware == "qboot") add({"-bios", "/usr/share/qemu/qboot.rom"});
@@ -138,17 +158,23 @@ Result<std::vector<std::string>> build_command_line(const DomainDef& def, const 
     if (d.path.empty()) return fail_invalid("disk {}: no image path (volume not resolved)", d.id);
     add({"-blockdev", blockdev_add_args(d).dump(), "-device", disk_device_args(d, "").dump()});
   }
-  size_t tap_index = 0;
+  size_t backend_index = 0;
   for (auto& n : def.nics) {
-    std::string tap;
+    NicBackend backend;
     if (n.kind != NicKind::User) {
-      if (tap_index >= cfg.tap_names.size()) return fail_invalid("nic {}: no tap device prepared", n.id);
-      tap = cfg.tap_names[tap_index++];
+      if (backend_index >= cfg.nic_backends.size()) return fail_invalid("nic {}: no host side prepared", n.id);
+      backend = cfg.nic_backends[backend_index++];
     }
-    json nd = netdev_add_args(n, tap);
-    std::string netdev = fmt::format("{},id={}", nd["type"].get<std::string>(), nd["id"].get<std::string>());
-    if (n.kind != NicKind::User) netdev += fmt::format(",ifname={},script=no,downscript=no", tap);
-    add({"-netdev", netdev, "-device", nic_device_args(n, "").dump()});
+    std::string netdev = fmt::format("user,id={}", nic_netdev_id(n));
+    if (n.kind != NicKind::User && backend.type == NicBackendType::VhostUser) {
+      if (backend.socket.empty()) return fail_invalid("nic {}: no vhost-user socket path", n.id);
+      add({"-chardev", fmt::format("socket,id={},path={},server=on,wait=off", nic_chardev_id(n), backend.socket)});
+      netdev = fmt::format("vhost-user,id={},chardev={}", nic_netdev_id(n), nic_chardev_id(n));
+    } else if (n.kind != NicKind::User) {
+      if (backend.tap.empty()) return fail_invalid("nic {}: no tap device prepared", n.id);
+      netdev = fmt::format("tap,id={},ifname={},script=no,downscript=no", nic_netdev_id(n), backend.tap);
+    }
+    add({"-netdev", netdev, "-device", nic_device_args(n, "", backend, cfg.accel).dump()});
   }
   if (def.rng) add({"-object", "rng-random,id=objrng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=objrng0,id=rng0"});
   if (def.balloon) add({"-device", "virtio-balloon-pci,id=balloon0"});

@@ -10,6 +10,18 @@
 
 namespace keel::qemu {
 
+// How keeld connected a NIC of kind Network or Bridge to the host.
+enum class NicBackendType {
+  Tap,        // -netdev tap on a tap device keeld made; QEMU moves every frame
+  VhostUser,  // -netdev vhost-user: keel-switch reads and writes the virtqueues in guest memory
+};
+
+struct NicBackend {
+  NicBackendType type = NicBackendType::Tap;
+  std::string tap;     // Tap: the tap device
+  std::string socket;  // VhostUser: the unix socket QEMU listens on; keel-switch connects to it
+};
+
 // Where this VM's runtime files live (under keeld's state dir) and how to run it.
 struct LaunchConfig {
   std::string qemu_binary = "qemu-system-x86_64";
@@ -27,8 +39,9 @@ struct LaunchConfig {
   // Restore: wait for the migration stream (migrate-incoming over QMP).
   bool incoming_defer = false;
   // Per resolved disk: the image path to open (pool volumes already resolved by keeld).
-  // Per NIC of kind Network/Bridge: the tap device keeld created for it.
-  std::vector<std::string> tap_names;
+  // Per NIC of kind Network/Bridge, in order: how keeld connected it. Guest memory becomes a shared
+  // memfd when any of them is vhost-user (the switch maps it).
+  std::vector<NicBackend> nic_backends;
   // Empty PCIe root ports for hot-plug (q35 cannot hot-plug onto pcie.0).
   int hotplug_ports = 4;
 };
@@ -44,8 +57,14 @@ Result<std::vector<std::string>> build_command_line(const DomainDef& def, const 
 // node) and the device_add arguments.
 nlohmann::json blockdev_add_args(const DiskDef& disk);
 nlohmann::json disk_device_args(const DiskDef& disk, const std::string& bus);
-nlohmann::json netdev_add_args(const NicDef& nic, const std::string& tap_name);
-nlohmann::json nic_device_args(const NicDef& nic, const std::string& bus);
+// QMP arguments for hot-plugging a NIC: chardev-add (vhost-user only: the socket QEMU listens on),
+// netdev_add and device_add. `backend` is ignored for user-mode NICs.
+nlohmann::json chardev_add_args(const NicDef& nic, const std::string& socket);
+nlohmann::json netdev_add_args(const NicDef& nic, const NicBackend& backend);
+nlohmann::json nic_device_args(const NicDef& nic, const std::string& bus, const NicBackend& backend, Accelerator accel);
+// The QEMU ids of a NIC's backend and (vhost-user) its socket chardev.
+std::string nic_netdev_id(const NicDef& nic);
+std::string nic_chardev_id(const NicDef& nic);
 
 // "q35" -> "pc-q35-7.2" from the output of `qemu-system-x86_64 -machine help`. Already versioned
 // names are returned as they are if QEMU lists them.

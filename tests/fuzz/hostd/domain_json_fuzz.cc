@@ -18,7 +18,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto again = domain_from_json(domain_to_json(*def));
   KEEL_CHECK(again.has_value());
   LaunchConfig cfg;
-  cfg.tap_names.assign(def->nics.size(), "tap0");
+  cfg.nic_backends.assign(def->nics.size(), NicBackend{NicBackendType::Tap, "tap0", ""});
+  (void)build_command_line(*def, cfg);
+  cfg.nic_backends.assign(def->nics.size(), NicBackend{NicBackendType::VhostUser, "", "/run/k/net.vhost"});
   (void)build_command_line(*def, cfg);
   (void)import_libvirt_xml(export_libvirt_xml(*def));
   return 0;

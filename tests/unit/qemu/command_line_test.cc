@@ -104,7 +104,7 @@ TEST(CommandLine, NicsNeedTaps) {
   d.nics.push_back(NicDef{"net1", NicKind::User, "", "", "52:54:00:00:00:02"});
   auto c = config();
   EXPECT_FALSE(build_command_line(d, c));  // no tap prepared
-  c.tap_names = {"kt1234-0"};
+  c.nic_backends = {NicBackend{NicBackendType::Tap, "kt1234-0", ""}};
   auto argv = *build_command_line(d, c);
   auto netdevs = values(argv, "-netdev");
   ASSERT_EQ(netdevs.size(), 2u);
@@ -114,6 +114,70 @@ TEST(CommandLine, NicsNeedTaps) {
   EXPECT_EQ(nic["driver"], "virtio-net-pci");
   EXPECT_EQ(nic["mac"], "52:54:00:00:00:01");
   EXPECT_EQ(nic["romfile"], "");
+  EXPECT_FALSE(nic.contains("vectors"));
+  // Private memory: nothing but a tap needs to reach it.
+  EXPECT_EQ(values(argv, "-machine").at(0), "pc-q35-7.2,mem-merge=on");
+  EXPECT_TRUE(values(argv, "-object").empty());
+}
+
+TEST(CommandLine, VhostUserNicSharesGuestMemory) {
+  auto d = base();
+  d.nics.push_back(NicDef{"net0", NicKind::Network, "default", "", "52:54:00:00:00:01"});
+  d.nics.push_back(NicDef{"net1", NicKind::Network, "default", "", "52:54:00:00:00:02"});
+  auto c = config();
+  c.nic_backends = {NicBackend{NicBackendType::VhostUser, "", "/run/k/net0.vhost"},
+                    NicBackend{NicBackendType::Tap, "kt1234-1", ""}};
+  auto argv = *build_command_line(d, c);
+  // The switch maps guest memory: a shared memfd the size of -m is the machine's RAM.
+  EXPECT_EQ(values(argv, "-machine").at(0), "pc-q35-7.2,mem-merge=on,memory-backend=mem0");
+  EXPECT_EQ(values(argv, "-object").at(0), "memory-backend-memfd,id=mem0,size=256M,share=on");
+  EXPECT_EQ(values(argv, "-m").at(0), "256M");
+  auto chardevs = values(argv, "-chardev");
+  ASSERT_EQ(chardevs.size(), 3u);
+  EXPECT_EQ(chardevs[2], "socket,id=charnet-net0,path=/run/k/net0.vhost,server=on,wait=off");
+  auto netdevs = values(argv, "-netdev");
+  ASSERT_EQ(netdevs.size(), 2u);
+  EXPECT_EQ(netdevs[0], "vhost-user,id=hostnet-net0,chardev=charnet-net0");
+  EXPECT_EQ(netdevs[1], "tap,id=hostnet-net1,ifname=kt1234-1,script=no,downscript=no");
+  auto devices = values(argv, "-device");
+  auto vhost_nic = json::parse(devices.at(0));
+  EXPECT_EQ(vhost_nic["netdev"], "hostnet-net0");
+  EXPECT_EQ(vhost_nic["vectors"], 0);  // TCG: MSI-X on a vhost-user NIC crashes QEMU 7.2
+  EXPECT_FALSE(json::parse(devices.at(1)).contains("vectors"));
+  // KVM keeps MSI-X.
+  c.accel = Accelerator::Kvm;
+  argv = *build_command_line(d, c);
+  EXPECT_FALSE(json::parse(values(argv, "-device").at(0)).contains("vectors"));
+  // Hugepages are shared already: that backend stays.
+  d.hugepages = true;
+  argv = *build_command_line(d, c);
+  ASSERT_EQ(values(argv, "-object").size(), 1u);
+  EXPECT_NE(values(argv, "-object").at(0).find("memory-backend-file,id=mem0"), std::string::npos);
+  // A vhost-user backend without a socket is an error, not a broken command line.
+  c.nic_backends[0].socket.clear();
+  EXPECT_FALSE(build_command_line(d, c));
+}
+
+TEST(CommandLine, NicHotplugArguments) {
+  NicDef user{"net0", NicKind::User, "", "", "52:54:00:00:00:01"};
+  NicDef net{"net1", NicKind::Network, "default", "", "52:54:00:00:00:02"};
+  NicBackend tap{NicBackendType::Tap, "kt1234-1", ""};
+  NicBackend vhost{NicBackendType::VhostUser, "", "/run/k/net1.vhost"};
+  EXPECT_EQ(netdev_add_args(user, tap), json({{"type", "user"}, {"id", "hostnet-net0"}}));
+  EXPECT_EQ(netdev_add_args(net, tap)["ifname"], "kt1234-1");
+  EXPECT_EQ(netdev_add_args(net, vhost),
+            json({{"type", "vhost-user"}, {"id", "hostnet-net1"}, {"chardev", "charnet-net1"}}));
+  auto chardev = chardev_add_args(net, "/run/k/net1.vhost");
+  EXPECT_EQ(chardev["id"], "charnet-net1");
+  EXPECT_EQ(chardev["backend"]["type"], "socket");
+  EXPECT_EQ(chardev["backend"]["data"]["addr"], json({{"type", "unix"}, {"data", {{"path", "/run/k/net1.vhost"}}}}));
+  EXPECT_EQ(chardev["backend"]["data"]["server"], true);
+  EXPECT_EQ(chardev["backend"]["data"]["wait"], false);
+  auto dev = nic_device_args(net, "hotplug0", vhost, Accelerator::Tcg);
+  EXPECT_EQ(dev["bus"], "hotplug0");
+  EXPECT_EQ(dev["vectors"], 0);
+  EXPECT_FALSE(nic_device_args(net, "hotplug0", tap, Accelerator::Tcg).contains("vectors"));
+  EXPECT_FALSE(nic_device_args(user, "", vhost, Accelerator::Tcg).contains("vectors"));
 }
 
 TEST(CommandLine, DisplayRngBalloonBoot) {
