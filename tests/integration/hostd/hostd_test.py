@@ -218,17 +218,17 @@ def t_hotplug(args):
 def t_network(args, backend="switch", switch_nic="vhost-user"):
     """Two guests on the default network (keel-switch or Linux bridge, + dnsmasq) get DHCP leases and
     ping each other. keeld runs in a network namespace of its own, so nothing touches the host's
-    networking. On keel-switch the guest NICs are vhost-user ports (the default; QEMU listens on a
-    socket in the VM's runtime dir, guest memory is a shared memfd) or, with --switch-nic tap, taps
-    read by AF_PACKET. keeld restarts (the tap case: into vhost-user mode); the ports and sockets stay.
+    networking. On keel-switch the guest NICs are vhost-user ports (--switch-nic vhost-user; QEMU
+    listens on a socket in the VM's runtime dir, guest memory is a shared memfd) or taps read by
+    AF_PACKET (--switch-nic tap, the default). keeld restarts (the tap case: into vhost-user mode); the ports and sockets stay.
     A NIC hot-plugged then is of the guests' kind (a tap guest's memory is private, so it stays on
     taps) and its port goes when it is unplugged. A vhost-user guest cannot be saved (clear error); a
     tap guest saves and restores on taps. keel-switch is killed and started again by keeld: the
     guests' ports come back and carry pings. destroy removes the guest's ports."""
     # QEMU as nobody: keeld must leave the vhost-user socket where an unprivileged QEMU can make it.
     extra = ["--network-backend", backend, "--qemu-user", "nobody"]
-    if backend == "switch" and switch_nic != "vhost-user":
-        extra += ["--switch-nic", switch_nic]  # vhost-user is the default: not passed
+    if backend == "switch":
+        extra += ["--switch-nic", switch_nic]
     k = Keeld(args, extra=extra, netns_cmd=["unshare", "--net", "--"])
     k.start()
     ctl_bin = os.path.join(os.path.dirname(args.keeld), "..", "switch", "keel-switch-ctl")
@@ -307,7 +307,7 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
             k.stop()
             check(os.path.exists(f"/proc/{switch_pid}"), "keel-switch did not outlive keeld")
             k.netns_cmd = ["nsenter", f"--net=/proc/{switch_pid}/ns/net", "--"]
-            k.extra = [a for a in k.extra if a not in ("--switch-nic", "tap")]  # back to the default
+            k.extra = [a for a in k.extra if a not in ("--switch-nic", "tap", "vhost-user")] + ["--switch-nic", "vhost-user"]
             k.start()
             status, body = k.api("POST", "/v1/networks/default/start")
             check(status == 200, f"network start after keeld restart: {body}")
