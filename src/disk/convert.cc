@@ -67,7 +67,7 @@ Result<void> copy_image(BlockDevice& src, BlockDevice& dst, const CopyOptions& o
   // number them in disk order), and gives it back once written. Chunks without data (holes, zero
   // ranges) need none, so the readers run ahead through them up to `nentries` chunks, and the
   // writer finds the next data chunk already read when it gets there.
-  const uint64_t nbuffers = std::max<uint64_t>({options.queue_chunks, readers, 1});
+  const uint64_t nbuffers = options.queue_chunks ? options.queue_chunks : readers + 1;
   const uint64_t nentries = std::max<uint64_t>(64, nbuffers);
   // One mapping, backed by huge pages where the kernel has them: fresh 4 KiB pages would cost a
   // fault and a zeroed page each on the way to the first writes.
@@ -81,7 +81,7 @@ Result<void> copy_image(BlockDevice& src, BlockDevice& dst, const CopyOptions& o
 
   std::mutex mu;  // entries, buffer_turn, failure
   std::condition_variable reader_cv, writer_cv;
-  bool failed = false;
+  std::atomic<bool> failed{false};  // set under mu; read without it to stop claiming
   std::optional<Error> first_error;
   std::mutex claim_mu;  // chunks are claimed, and their data buffers numbered, in disk order
   uint64_t next_chunk = 0, next_buffer = 0;
@@ -172,7 +172,7 @@ Result<void> copy_image(BlockDevice& src, BlockDevice& dst, const CopyOptions& o
     while (true) {
       {
         std::lock_guard lk(claim_mu);
-        if (next_chunk >= chunks) return;
+        if (next_chunk >= chunks || failed) return;
         claim.chunk = next_chunk++;
         const uint64_t pos = claim.chunk * chunk;
         auto extents = src.block_status(pos, std::min(chunk, size - pos));
