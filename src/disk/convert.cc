@@ -67,7 +67,11 @@ Result<void> copy_image(BlockDevice& src, BlockDevice& dst, const CopyOptions& o
   // number them in disk order), and gives it back once written. Chunks without data (holes, zero
   // ranges) need none, so the readers run ahead through them up to `nentries` chunks, and the
   // writer finds the next data chunk already read when it gets there.
-  const uint64_t nbuffers = options.queue_chunks ? options.queue_chunks : readers + 1;
+  // Compressing without a backing file, the readers write everything themselves, each from a
+  // buffer of its own: no writer thread, and no order to keep.
+  const bool readers_write = options.compress && !backing;
+  const uint64_t nbuffers = std::max<uint64_t>(options.queue_chunks ? options.queue_chunks : readers + 1,
+                                               readers_write ? readers : 1);
   const uint64_t nentries = std::max<uint64_t>(64, nbuffers);
   // One mapping, backed by huge pages where the kernel has them: fresh 4 KiB pages would cost a
   // fault and a zeroed page each on the way to the first writes.
@@ -165,7 +169,9 @@ Result<void> copy_image(BlockDevice& src, BlockDevice& dst, const CopyOptions& o
     return ok();
   };
 
-  auto reader = [&] {
+  uint64_t bytes_done = 0;  // readers_write: progress, under mu
+
+  auto reader = [&](unsigned id) {
     std::vector<uint8_t> backing_buf(backing ? chunk : 0);
     std::vector<std::pair<uint64_t, uint64_t>> ranges;
     Claim claim;
@@ -179,29 +185,53 @@ Result<void> copy_image(BlockDevice& src, BlockDevice& dst, const CopyOptions& o
         if (!extents) return fail_with(extents.error());
         claim.extents = std::move(*extents);
         data_ranges(claim.extents, pos, std::min(chunk, size - pos), ranges);
-        claim.buffer = ranges.empty() ? UINT64_MAX : next_buffer++;
+        claim.buffer = ranges.empty() || readers_write ? UINT64_MAX : next_buffer++;
       }
       Entry& entry = entries[claim.chunk % nentries];
       {
         std::unique_lock lk(mu);
         reader_cv.wait(lk, [&] {
-          return failed || (entry.chunk == claim.chunk && !entry.ready &&
+          return failed || ((readers_write || (entry.chunk == claim.chunk && !entry.ready)) &&
                             (claim.buffer == UINT64_MAX || buffer_turn[claim.buffer % nbuffers] == claim.buffer));
         });
         if (failed) return;
       }
+      if (readers_write) {
+        // A buffer of its own: no reader waits for another's slow chunk.
+        Entry own;
+        if (auto r = fill(claim, own, buffer_bytes(id), backing_buf, ranges); !r) return fail_with(r.error());
+        std::lock_guard lk(mu);
+        bytes_done += std::min(chunk, size - claim.chunk * chunk);
+        if (options.progress) options.progress(bytes_done);
+        continue;
+      }
       uint8_t* buffer = claim.buffer == UINT64_MAX ? nullptr : buffer_bytes(claim.buffer);
       if (auto r = fill(claim, entry, buffer, backing_buf, ranges); !r) return fail_with(r.error());
+      // Nothing for the writer to take from the buffer (compressed here, or all zeros): it is free
+      // now, so the readers do not wait for the writer to come by (under load, it may not soon).
+      bool buffer_unused = entry.buffer != UINT64_MAX &&
+                           std::none_of(entry.ops.begin(), entry.ops.end(), [](const TargetOp& op) { return !op.zeroes; });
       {
         std::lock_guard lk(mu);
+        if (buffer_unused) {
+          buffer_turn[entry.buffer % nbuffers] = entry.buffer + nbuffers;
+          entry.buffer = UINT64_MAX;
+        }
         entry.ready = true;
       }
+      if (buffer_unused) reader_cv.notify_all();
       writer_cv.notify_one();
     }
   };
   std::vector<std::thread> threads;
   threads.reserve(readers);
-  for (unsigned i = 0; i < readers; ++i) threads.emplace_back(reader);
+  for (unsigned i = readers_write ? 1 : 0; i < readers; ++i) threads.emplace_back(reader, i);
+  if (readers_write) {
+    reader(0);
+    for (auto& t : threads) t.join();
+    if (first_error) return fail(*first_error);
+    return ok();
+  }
 
   // The writer: this thread, chunk after chunk in order. Writes to one file do not run in parallel
   // anyway (the kernel's inode lock), so one thread that never waits while work is ready keeps the
