@@ -33,9 +33,10 @@ struct CopyOptions {
   std::function<void(uint64_t)> progress;
 };
 
-// Reader threads take chunks in turn (block status, reads, decompression, the zero scan, and
-// compression with `compress`); the calling thread writes the chunks to the target in order.
-// The caller flushes or closes the target afterwards.
+// Reader threads take chunks in turn (block status, reads, decompression, the zero scan); the
+// calling thread writes the chunks to the target in order. With `compress` and no backing file the
+// readers compress and write their clusters themselves. The caller flushes or closes the target
+// afterwards.
 Result<void> copy_image(BlockDevice& source, BlockDevice& target, const CopyOptions& options);
 
 // True when all n bytes are zero.
