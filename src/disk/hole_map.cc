@@ -7,35 +7,36 @@
 
 namespace keel::disk {
 
-Result<void> HoleMap::load(int fd) {
-  data_.clear();
-  all_data_ = false;
-  struct stat st;
-  if (::fstat(fd, &st) < 0) return fail_errno("fstat");
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  uint64_t pos = 0;
-  while (pos < size) {
-    off_t d = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+Result<void> HoleMap::walk_to(int fd, uint64_t end) {
+  if (!started_) {
+    data_.clear();
+    all_data_ = false;
+    known_end_ = 0;
+    struct stat st;
+    if (::fstat(fd, &st) < 0) return fail_errno("fstat");
+    file_size_ = static_cast<uint64_t>(st.st_size);
+    started_ = true;
+  }
+  while (!all_data_ && known_end_ < std::min(end, file_size_)) {
+    off_t d = ::lseek(fd, static_cast<off_t>(known_end_), SEEK_DATA);
     if (d < 0) {
-      if (errno == ENXIO) break;
+      if (errno == ENXIO) {  // holes to the end
+        known_end_ = file_size_;
+        break;
+      }
       all_data_ = true;  // the filesystem cannot tell
       break;
     }
     off_t h = ::lseek(fd, d, SEEK_HOLE);
-    uint64_t end = h < 0 ? size : static_cast<uint64_t>(h);
-    if (end <= static_cast<uint64_t>(d)) end = size;
-    data_[static_cast<uint64_t>(d)] = end;
-    pos = end;
+    uint64_t stop = h < 0 ? file_size_ : static_cast<uint64_t>(h);
+    if (stop <= static_cast<uint64_t>(d)) stop = std::max(file_size_, static_cast<uint64_t>(d) + 1);
+    add_data(static_cast<uint64_t>(d), stop);
+    known_end_ = stop;
   }
-  loaded_ = true;
   return ok();
 }
 
-void HoleMap::note_data(uint64_t start, uint64_t length) {
-  if (length == 0) return;
-  std::lock_guard lock(mutex_);
-  if (!loaded_ || all_data_) return;
-  uint64_t end = start + length;
+void HoleMap::add_data(uint64_t start, uint64_t end) {
   // Merge with every range that overlaps or touches [start, end).
   auto it = data_.upper_bound(start);
   if (it != data_.begin()) {
@@ -53,14 +54,21 @@ void HoleMap::note_data(uint64_t start, uint64_t length) {
   data_[start] = end;
 }
 
+void HoleMap::note_data(uint64_t start, uint64_t length) {
+  if (length == 0) return;
+  std::lock_guard lock(mutex_);
+  if (!started_ || all_data_) return;
+  add_data(start, start + length);
+}
+
 void HoleMap::invalidate() {
   std::lock_guard lock(mutex_);
-  loaded_ = false;
+  started_ = false;
 }
 
 Result<std::vector<HoleMap::Piece>> HoleMap::pieces(int fd, uint64_t start, uint64_t end) {
   std::lock_guard lock(mutex_);
-  if (!loaded_) TRY(load(fd));
+  TRY(walk_to(fd, end));
   std::vector<Piece> out;
   if (all_data_) {
     out.push_back({start, end, true});

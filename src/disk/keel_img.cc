@@ -22,6 +22,7 @@
 #include "base/log.h"
 #include "base/progress.h"
 #include "base/size.h"
+#include "disk/convert.h"
 #include "disk/image.h"
 #include "disk/nbd_server.h"
 #include "disk/qcow2_image.h"
@@ -525,14 +526,6 @@ int cmd_check(int argc, char** argv) {
 
 // ---------------------------------------------------------------------------------------------
 
-bool is_zero(const uint8_t* p, size_t n) {
-  if (n == 0) return true;
-  // Word-at-a-time for the head, then the overlapping-memcmp trick.
-  for (size_t i = 0; i < std::min<size_t>(n, 16); ++i)
-    if (p[i]) return false;
-  return std::memcmp(p, p + 1, n - 1) == 0;
-}
-
 int cmd_convert(int argc, char** argv) {
   std::string src_fmt, dst_fmt = "raw", options, target_backing, target_backing_fmt;
   bool compress = false, progress = false, safe_cache = false, direct = false;
@@ -559,6 +552,8 @@ int cmd_convert(int argc, char** argv) {
     }
   }
   if (optind + 2 != argc) usage();
+  if (sparse_size % 512 || sparse_size > (16 << 20))
+    die("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216.");
   std::string src_path = argv[optind], dst_path = argv[optind + 1];
   auto src = open_or_die(src_path, OpenMode::ReadOnly, src_fmt, src_cache);
   uint64_t size = src->size();
@@ -580,113 +575,16 @@ int cmd_convert(int argc, char** argv) {
   dst = open_or_die(dst_path, OpenMode::ReadWrite, dst_fmt, direct ? CacheMode::None : CacheMode::Writeback);
   auto* qdst = dynamic_cast<Qcow2Image*>(dst.get());
   if (qdst && !safe_cache) qdst->set_unsafe_cache(true);
-  auto* qbacking = qdst ? qdst->backing() : nullptr;
-  uint64_t cluster = qdst ? qdst->cluster_size() : std::max<uint64_t>(sparse_size, 4096);
-  if (compress && !qdst) die("compression needs the qcow2 output format");
-  // Dirty-zero detection works on sparse_size granules within each chunk (qemu's -S).
-  uint64_t granule = qdst ? cluster : std::max<uint64_t>(sparse_size, 512);
-  const uint64_t chunk_size = std::max<uint64_t>(cluster, 2 << 20);
+  CopyOptions copy;
+  copy.compress = compress;
+  copy.target_backing = qdst ? qdst->backing() : nullptr;
+  // Zero detection works on -S granules (a cluster for qcow2 targets: all-zero clusters stay
+  // unallocated).
+  copy.granule = qdst ? qdst->cluster_size() : std::max<uint64_t>(sparse_size, 512);
+  if (const char* t = std::getenv("KEEL_IMG_THREADS")) copy.readers = static_cast<unsigned>(std::clamp(std::atoi(t), 1, 64));
   Progress bar("convert", size, progress ? ProgressStyle::Auto : ProgressStyle::Quiet);
-
-  // Workers take 2 MiB chunks in turn and carry each from the source to the target: reads,
-  // decompression and compression run on every core, while the formats' own locks keep metadata
-  // consistent.
-  std::atomic<uint64_t> next_chunk{0};
-  std::atomic<bool> failed{false};
-  std::mutex mu, write_mu;
-  const bool serialize_writes = !std::getenv("KEEL_IMG_PARALLEL_WRITES");
-  std::optional<Error> first_error;
-  uint64_t progress_done = 0;
-  auto worker = [&] {
-    std::vector<uint8_t> buf(chunk_size), bbuf(qbacking ? chunk_size : 0);
-    std::vector<std::pair<uint64_t, uint64_t>> ranges;
-    auto record = [&](const Error& e) {
-      std::lock_guard lk(mu);
-      if (!first_error) first_error = e;
-      failed = true;
-    };
-    while (!failed) {
-      uint64_t pos = next_chunk.fetch_add(1) * chunk_size;
-      if (pos >= size) return;
-      uint64_t n = std::min<uint64_t>(chunk_size, size - pos);
-      auto extents = src->block_status(pos, n);
-      if (!extents) return record(extents.error());
-      // Ranges to read: data extents widened to whole granules, merged.
-      ranges.clear();
-      for (auto& e : *extents) {
-        if (!e.data || e.zero) {
-          // Reads as zeros: nothing to write to a fresh image, unless a backing file shows through.
-          if (qbacking) {
-            auto z = dst->write_zeroes(e.offset, e.length);
-            if (!z) return record(z.error());
-          }
-          continue;
-        }
-        uint64_t a = e.offset / granule * granule;
-        uint64_t b = std::min((e.offset + e.length + granule - 1) / granule * granule, pos + n);
-        if (!ranges.empty() && ranges.back().second >= a) ranges.back().second = std::max(ranges.back().second, b);
-        else ranges.push_back({a, b});
-      }
-      for (auto [start, stop] : ranges) {
-        uint64_t len = stop - start;
-        auto r = src->read(start, std::span<uint8_t>(buf.data(), len));
-        if (!r) return record(r.error());
-        if (qbacking) {
-          uint64_t have = qbacking->size() > start ? std::min(len, qbacking->size() - start) : 0;
-          if (have) {
-            auto br = qbacking->read(start, std::span<uint8_t>(bbuf.data(), have));
-            if (!br) return record(br.error());
-          }
-          std::memset(bbuf.data() + have, 0, len - have);
-        }
-        auto needed = [&](uint64_t at, uint64_t l) {
-          if (qbacking) return std::memcmp(buf.data() + at, bbuf.data() + at, l) != 0;
-          return !is_zero(buf.data() + at, l);
-        };
-        // Write runs of granules that hold data (or differ from the new backing file).
-        uint64_t g = 0;
-        while (g < len) {
-          uint64_t glen = std::min(granule, len - g);
-          if (!needed(g, glen)) {
-            g += glen;
-            continue;
-          }
-          uint64_t run = glen;
-          while (g + run < len && needed(g + run, std::min(granule, len - g - run))) run += std::min(granule, len - g - run);
-          if (compress) {
-            for (uint64_t k = 0; k < run; k += cluster) {
-              uint64_t cl = std::min<uint64_t>(cluster, run - k);
-              auto w = qdst->write_compressed(start + g + k, std::span<const uint8_t>(buf.data() + g + k, cl));
-              if (!w) return record(w.error());
-            }
-          } else {
-            // One writer at a time: concurrent writes to one file spin on the kernel's inode lock
-            // (16% of a qcow2->raw convert's CPU on tmpfs); a sleeping mutex costs nothing.
-            std::unique_lock write_lock(write_mu, std::defer_lock);
-            if (serialize_writes) write_lock.lock();
-            auto w = dst->write(start + g, std::span<const uint8_t>(buf.data() + g, run));
-            if (!w) return record(w.error());
-          }
-          g += run;
-        }
-      }
-      if (progress) {
-        std::lock_guard lk(mu);
-        progress_done += n;
-        bar.update(progress_done);
-      }
-    }
-  };
-  // One worker per core. Measured on 2 cores (CPU time, user+sys): 16 workers spent 10-30% more
-  // CPU than 2 on plain copies (they spin on the target file's inode lock and on the image's
-  // metadata mutex) and gained nothing on (de)compression, which is CPU-bound.
-  unsigned nthreads = std::clamp(std::thread::hardware_concurrency(), 1u, 16u);
-  if (const char* t = std::getenv("KEEL_IMG_THREADS")) nthreads = std::clamp(std::atoi(t), 1, 64);
-  std::vector<std::thread> threads;
-  for (unsigned i = 1; i < nthreads; ++i) threads.emplace_back(worker);
-  worker();
-  for (auto& t : threads) t.join();
-  if (first_error) die(first_error->message());
+  if (progress) copy.progress = [&bar](uint64_t done) { bar.update(done); };
+  must(copy_image(*src, *dst, copy));
   if (qdst) must(qdst->close());
   else if (safe_cache) must(dst->flush());
   bar.finish();
