@@ -205,7 +205,7 @@ public:
   bool has_pending() const override { return pending_head_ < pending_count_; }
 
   size_t receive(PacketBatch& batch) override {
-    size_t added = drain_pending(batch);
+    size_t added = drain_pending(batch), taken = 0;
     // Take a slot only when what it holds can be kept: a super-frame may become 45 segments.
     while (batch.size() < PacketBatch::kCapacity && pending_count_ + 46 <= kMaxPending) {
       auto* h = reinterpret_cast<tpacket2_hdr*>(ring_.data() + rx_head_ * kSlotSize);
@@ -242,6 +242,15 @@ public:
       }
       __atomic_store_n(&h->tp_status, uint32_t(TP_STATUS_KERNEL), __ATOMIC_RELEASE);
       rx_head_ = rx_head_ + 1 == kSlots ? 0 : rx_head_ + 1;
+      ++taken;
+    }
+    if (taken == 0) {
+      // Woken with nothing in the ring: a pending socket error (ENETDOWN when the interface went
+      // down, or was down at bind) makes the fd poll as ready until it is read; nothing on the ring
+      // path reads it, so read it here, or the datapath would spin on this fd.
+      int err = 0;
+      socklen_t len = sizeof err;
+      getsockopt(fd_.get(), SOL_SOCKET, SO_ERROR, &err, &len);
     }
     return added + drain_pending(batch);
   }
@@ -306,6 +315,9 @@ private:
     copy_iov_[1] = {f.data, f.capacity_after_data()};
     copy_msg_.msg_hdr.msg_flags = 0;
     ssize_t n = recvmsg(fd_.get(), &copy_msg_.msg_hdr, MSG_DONTWAIT);
+    // A pending socket error (ENETDOWN from a link change) is reported, and cleared, before any
+    // frame: the frame is still queued behind it.
+    if (n < 0 && errno != EAGAIN && errno != EINTR) n = recvmsg(fd_.get(), &copy_msg_.msg_hdr, MSG_DONTWAIT);
     if (n < ssize_t(sizeof(virtio_net_hdr)) + 14 || (copy_msg_.msg_hdr.msg_flags & MSG_TRUNC)) {
       if (n >= 0) counters.rx_errors++;
       return 0;
@@ -485,6 +497,10 @@ Result<std::unique_ptr<Port>> open_afpacket_port(const std::string& ifname) {
   // Transmissions skip the qdisc layer (veths and most uplinks have none worth going through).
   setsockopt(fd.get(), SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
   TRY(set_interface_up(ifname));
+  // Binding to an interface that was still down left ENETDOWN pending on the socket: clear it.
+  int err = 0;
+  socklen_t errlen = sizeof err;
+  getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &errlen);
   return std::unique_ptr<Port>(new AfPacketPort(std::move(fd), ifname, std::move(ring)));
 }
 
