@@ -145,9 +145,9 @@ TEST_F(AfPacketPortTest, VlanTagsComeBackIntoTheFrame) {
 }
 
 TEST_F(AfPacketPortTest, TcpSuperFramesAreCutIntoValidSegments) {
-  // A 20,000-byte TCP payload sent as one GSO frame with a partial checksum, as a host with
+  // A 20,001-byte TCP payload sent as one GSO frame with a partial checksum, as a host with
   // segmentation offload sends it; the veth passes it on whole and the port segments it.
-  constexpr size_t kPayload = 20000, kMss = 1448;
+  constexpr size_t kPayload = 20001, kMss = 1448;  // an odd last segment
   auto f = test::ipv4_frame(kB, kA, 0x0a000001, 0x0a000002, 6, 1000, 2000);
   const size_t l3 = 14, l4 = 34, hdr = 54;
   f.resize(hdr + kPayload);
