@@ -136,7 +136,8 @@ for kind in keel ovs; do
   done
   for p in pa pb; do ip netns exec "${SW[$kind]}" ethtool -K $p tx on tso on gso on >/dev/null 2>&1 || true; done
 done
-bash "$here/../../tests/integration/switch/ovs_peer.sh" restart-tso "$KSW_TMP/ovs" "${SW[ovs]}"
+bash "$here/../../tests/integration/switch/ovs_peer.sh" restart-tso "$KSW_TMP/ovs" "${SW[ovs]}" >/dev/null 2>&1 ||
+  { echo "Open vSwitch did not restart"; cat "$KSW_TMP/ovs/ovs-vswitchd.log"; exit 1; }
 ksw_wait_of "${SW[ovs]}" 6653
 for kind in keel ovs; do
   ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 del-flows tcp:127.0.0.1:6653
