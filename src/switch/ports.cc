@@ -20,6 +20,18 @@
 
 namespace keel::sw {
 
+void Port::send_frame(const Frame& f) {
+  if (!f.is_super()) {
+    send(f.data, f.len);
+    return;
+  }
+  // This port takes only ordinary frames: cut the super-frame here.
+  thread_local std::unique_ptr<uint8_t[]> scratch(new uint8_t[Frame::kBufferSize]);
+  if (!cut_super_frame(f.data, f.len, f.payload, f.payload_len, f.offload.gso_size, scratch.get(),
+                       Frame::kBufferSize, [&](const uint8_t* seg, size_t n) { send(seg, n); }))
+    counters.tx_errors++;
+}
+
 PacketBatch::PacketBatch() : storage_(new uint8_t[kCapacity * Frame::kBufferSize]) {
   for (size_t i = 0; i < kCapacity; ++i) {
     frames_[i].buffer = storage_.get() + i * Frame::kBufferSize;
@@ -155,34 +167,7 @@ constexpr uint8_t VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
 constexpr uint8_t VIRTIO_NET_HDR_GSO_NONE = 0, VIRTIO_NET_HDR_GSO_TCPV4 = 1, VIRTIO_NET_HDR_GSO_TCPV6 = 4,
                   VIRTIO_NET_HDR_GSO_ECN = 0x80;
 
-// Ones-complement sum of a byte range (16-bit big-endian words), not folded. The bulk is summed as
-// native 32-bit words into 64 bits (the ones-complement sum commutes with byte order, so it is
-// swapped once at the end): segmentation checksums every byte it forwards.
-uint32_t csum_add(const uint8_t* p, size_t n, uint32_t sum = 0) {
-  uint64_t wide = 0;
-  size_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    uint32_t w;
-    std::memcpy(&w, p + i, 4);
-    wide += w;
-  }
-  wide = (wide & 0xffffffff) + (wide >> 32);
-  wide = (wide & 0xffffffff) + (wide >> 32);
-  uint32_t native = uint32_t(wide & 0xffff) + uint32_t(wide >> 16);
-  native = (native & 0xffff) + (native >> 16);
-  native = (native & 0xffff) + (native >> 16);
-  if constexpr (std::endian::native == std::endian::little) native = uint32_t(__builtin_bswap16(uint16_t(native)));
-  sum += native;
-  for (; i + 1 < n; i += 2) sum += uint32_t(p[i] << 8 | p[i + 1]);
-  if (n & 1) sum += uint32_t(p[n - 1] << 8);
-  return sum;
-}
-uint16_t csum_finish(uint32_t sum) {
-  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
-  return uint16_t(~sum);
-}
 void put16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v >> 8); p[1] = uint8_t(v); }
-uint16_t get16(const uint8_t* p) { return uint16_t(p[0] << 8 | p[1]); }
 
 // AF_PACKET: a TPACKET_V2 receive ring, sendmmsg to transmit.
 //
@@ -209,7 +194,6 @@ public:
     copy_msg_.msg_hdr.msg_iov = copy_iov_;
     copy_msg_.msg_hdr.msg_iovlen = 3;
     copy_iov_[0] = {&copy_vnet_, sizeof(virtio_net_hdr)};
-    copy_iov_[2] = {overflow_.get(), kOverflow};
     for (size_t i = 0; i < PacketBatch::kCapacity; ++i) {
       tx_iov_[i][0] = {&tx_vnet_, sizeof(virtio_net_hdr)};
       tx_iov_[i][1].iov_base = tx_buf_.get() + i * kTxSlot;
@@ -222,9 +206,11 @@ public:
   bool has_pending() const override { return pending_head_ < pending_count_; }
 
   size_t receive(PacketBatch& batch) override {
+    super_used_ = 0;
     size_t added = drain_pending(batch), taken = 0;
     // Take a slot only when what it holds can be kept: a super-frame may become 45 segments.
-    while (batch.size() < PacketBatch::kCapacity && pending_count_ + 46 <= kMaxPending) {
+    while (batch.size() < PacketBatch::kCapacity && pending_count_ + 46 <= kMaxPending &&
+           super_used_ < PacketBatch::kCapacity) {
       auto* h = reinterpret_cast<tpacket2_hdr*>(ring_.data() + rx_head_ * kSlotSize);
       uint32_t status = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
       if (!(status & TP_STATUS_USER)) break;
@@ -301,6 +287,31 @@ public:
     tx_count_ = 0;
   }
 
+  // A super-frame goes out whole behind a virtio-net header describing it: the kernel (or the
+  // receiving host's stack, through a veth) segments it, or a NIC with segmentation offload does.
+  void send_frame(const Frame& f) override {
+    if (!f.is_super()) {
+      send(f.data, f.len);
+      return;
+    }
+    flush();  // frames queued before it leave before it
+    FlowKey key;
+    FrameLayout l;
+    extract_flow(f.data, f.len, 0, key, l);
+    virtio_net_hdr vh{VIRTIO_NET_HDR_F_NEEDS_CSUM, f.offload.gso_type, uint16_t(f.len), f.offload.gso_size,
+                      l.l4, 16};
+    iovec iov[3] = {{&vh, sizeof vh}, {f.data, f.len}, {const_cast<uint8_t*>(f.payload), f.payload_len}};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 3;
+    if (sendmsg(fd_.get(), &msg, MSG_DONTWAIT) == ssize_t(sizeof vh + f.wire_len())) {
+      counters.tx_packets++;
+      counters.tx_bytes += f.wire_len();
+    } else {
+      counters.tx_dropped++;
+    }
+  }
+
   bool link_up() const override { return interface_running(name_); }
   MacAddress mac() const override {
     auto m = interface_mac(name_);
@@ -309,7 +320,9 @@ public:
 
 private:
   static constexpr size_t kTxSlot = 10240 - Frame::kHeadroom;
-  static constexpr size_t kOverflow = 64 * 1024;  // room for a GSO super-frame beyond the frame buffer
+  // Super-frames kept whole: one slot per frame of a batch (the bridge is done with a batch before
+  // it asks for the next), each kHead bytes of room plus the largest IP packet.
+  static constexpr size_t kHead = 256, kSuperSlot = kHead + 65536 + 64;
   // Segments waiting for a batch: enough for a batch of super-frames (32 x 45 MSS-sized segments).
   static constexpr size_t kMaxPending = 1536;
 
@@ -326,10 +339,15 @@ private:
   }
 
   // A frame the ring could not hold, from the socket queue.
+  // A frame the ring could not hold, from the socket queue. Its first kHead bytes land in the batch
+  // frame, the rest in a super-frame slot behind kHead bytes of room: a TCP super-frame stays whole
+  // (headers in the frame, payload contiguous in the slot); any other frame is joined in the frame.
   size_t receive_queued(PacketBatch& batch, int tci, uint16_t tpid) {
     Frame& f = batch[batch.size()];
     f.reset_to_headroom();
-    copy_iov_[1] = {f.data, f.capacity_after_data()};
+    uint8_t* slot = super_slots_.get() + super_used_ * kSuperSlot;
+    copy_iov_[1] = {f.data, kHead};
+    copy_iov_[2] = {slot + kHead, kSuperSlot - kHead};
     copy_msg_.msg_hdr.msg_flags = 0;
     ssize_t n = recvmsg(fd_.get(), &copy_msg_.msg_hdr, MSG_DONTWAIT);
     // A pending socket error (ENETDOWN from a link change) is reported, and cleared, before any
@@ -340,21 +358,35 @@ private:
       return 0;
     }
     size_t total = size_t(n) - sizeof(virtio_net_hdr);
-    if (copy_vnet_.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-      // A super-frame: gather it (it may spill past the frame buffer) and cut it into segments,
-      // which wait in `pending_` for this or the next batch.
-      size_t in_frame = std::min(total, f.capacity_after_data());
-      std::memcpy(gso_buf_.get(), f.data, in_frame);
-      if (total > in_frame) std::memcpy(gso_buf_.get() + in_frame, overflow_.get(), total - in_frame);
-      if (!segment(gso_buf_.get(), total, copy_vnet_, tci, tpid)) counters.rx_errors++;
-      return 0;
+    size_t in_frame = std::min(total, kHead);
+    const virtio_net_hdr& vh = copy_vnet_;
+    if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+      uint8_t type = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+      size_t hdr = tcp_headers_end(f.data, in_frame);
+      if ((type != VIRTIO_NET_HDR_GSO_TCPV4 && type != VIRTIO_NET_HDR_GSO_TCPV6) || hdr == 0 ||
+          vh.gso_size == 0 || hdr + vh.gso_size > kTxSlot || !(vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
+        counters.rx_errors++;
+        return 0;
+      }
+      // The payload's first bytes came into the frame: move them in front of the rest.
+      std::memcpy(slot + hdr, f.data + hdr, in_frame - hdr);
+      f.len = uint32_t(hdr);
+      f.payload = slot + hdr;
+      f.payload_len = uint32_t(total - hdr);
+      f.offload.gso_type = vh.gso_type;
+      f.offload.gso_size = vh.gso_size;
+      ++super_used_;
+      if (tci >= 0) frame_push_vlan(f, tpid, uint16_t(tci));
+      batch.set_size(batch.size() + 1);
+      return 1;
     }
     if (total > f.capacity_after_data()) {
       counters.rx_errors++;
       return 0;
     }
+    if (total > kHead) std::memcpy(f.data + kHead, slot + kHead, total - kHead);
     f.len = uint32_t(total);
-    return accept(batch, f, copy_vnet_, tci, tpid);
+    return accept(batch, f, vh, tci, tpid);
   }
 
   // The kernel flagged that the ring overflowed: fetch (and reset) its drop count.
@@ -368,64 +400,29 @@ private:
   static bool finish_checksum(uint8_t* d, size_t len, const virtio_net_hdr& vh) {
     size_t start = vh.csum_start, field = size_t(vh.csum_start) + vh.csum_offset;
     if (start >= len || field + 2 > len) return false;
-    put16(d + field, csum_finish(csum_add(d + start, len - start)));
+    put16(d + field, ones_finish(ones_sum(d + start, len - start)));
     return true;
   }
 
-  // TCP segmentation of a super-frame (untagged bytes `d`), as the sender's NIC would have done.
+  // TCP segmentation of a super-frame (untagged bytes `d`), as the sender's NIC would have done;
+  // the segments wait in `pending_`.
   bool segment(const uint8_t* d, size_t len, const virtio_net_hdr& vh, int tci, uint16_t tpid) {
     uint8_t type = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
     if (type != VIRTIO_NET_HDR_GSO_TCPV4 && type != VIRTIO_NET_HDR_GSO_TCPV6) return false;
-    FlowKey key;
-    FrameLayout l;
-    extract_flow(d, len, 0, key, l);
-    if (!l.l3 || !l.l4 || key.ip_proto != IPPROTO_TCP || len < l.l4 + 20u) return false;
-    bool v4 = key.eth_type == be16(kEthTypeIpv4);
-    size_t thl = size_t(d[l.l4 + 12] >> 4) * 4;
-    size_t hdr = l.l4 + thl;
-    size_t mss = vh.gso_size;
-    if (thl < 20 || hdr > len || mss == 0 || hdr + mss > kTxSlot) return false;
-    size_t payload = len - hdr;
-    uint32_t seq = uint32_t(get16(d + l.l4 + 4)) << 16 | get16(d + l.l4 + 6);
-    uint16_t ip_id = v4 ? get16(d + l.l3 + 4) : 0;
-    for (size_t off = 0, k = 0; off < payload; off += mss, ++k) {
-      if (pending_count_ >= kMaxPending) {
-        counters.rx_dropped++;
-        return true;  // the sender will retransmit what did not fit
-      }
-      size_t n = std::min(mss, payload - off);
-      auto& seg = pending_[pending_count_];
-      seg.frame.resize(hdr + n);
-      uint8_t* s = seg.frame.data();
-      std::memcpy(s, d, hdr);
-      std::memcpy(s + hdr, d + hdr + off, n);
-      uint8_t* ip = s + l.l3;
-      uint8_t* tcp = s + l.l4;
-      size_t tcp_len = thl + n;
-      uint32_t pseudo;
-      if (v4) {
-        put16(ip + 2, uint16_t(hdr + n - l.l3));
-        put16(ip + 4, uint16_t(ip_id + k));
-        put16(ip + 10, 0);
-        put16(ip + 10, csum_finish(csum_add(ip, size_t(ip[0] & 0xf) * 4)));
-        pseudo = csum_add(ip + 12, 8);
-      } else {
-        put16(ip + 4, uint16_t(hdr + n - l.l3 - 40));
-        pseudo = csum_add(ip + 8, 32);
-      }
-      uint32_t sq = seq + uint32_t(off);
-      put16(tcp + 4, uint16_t(sq >> 16));
-      put16(tcp + 6, uint16_t(sq));
-      if (off + n < payload) tcp[13] &= uint8_t(~(0x01 | 0x08));  // FIN, PSH only on the last segment
-      if (k > 0) tcp[13] &= uint8_t(~0x80);                     // CWR only on the first
-      put16(tcp + 16, 0);
-      pseudo += IPPROTO_TCP + uint32_t(tcp_len);
-      put16(tcp + 16, csum_finish(csum_add(tcp, tcp_len, pseudo)));
-      seg.tci = tci;
-      seg.tpid = tpid;
-      ++pending_count_;
+    size_t hdr = tcp_headers_end(d, len);
+    if (hdr == 0) return false;
+    size_t mss = vh.gso_size, count = mss ? (len - hdr + mss - 1) / mss : 0;
+    if (pending_count_ + count > kMaxPending) {
+      counters.rx_dropped++;  // the sender will retransmit what did not fit
+      return true;
     }
-    return true;
+    return cut_super_frame(d, hdr, d + hdr, len - hdr, mss, seg_scratch_.get(), kTxSlot,
+                           [&](const uint8_t* seg, size_t n) {
+                             auto& p = pending_[pending_count_++];
+                             p.frame.assign(seg, seg + n);
+                             p.tci = tci;
+                             p.tpid = tpid;
+                           });
   }
 
   size_t drain_pending(PacketBatch& batch) {
@@ -457,8 +454,9 @@ private:
   mmsghdr copy_msg_{};
   iovec copy_iov_[3]{};
   virtio_net_hdr copy_vnet_{};
-  std::unique_ptr<uint8_t[]> overflow_{new uint8_t[kOverflow]};
-  std::unique_ptr<uint8_t[]> gso_buf_{new uint8_t[kOverflow + 10240]};
+  std::unique_ptr<uint8_t[]> super_slots_{new uint8_t[PacketBatch::kCapacity * kSuperSlot]};
+  size_t super_used_ = 0;  // slots given out in this receive()
+  std::unique_ptr<uint8_t[]> seg_scratch_{new uint8_t[kTxSlot]};
   std::vector<Segment> pending_ = std::vector<Segment>(kMaxPending);
   size_t pending_head_ = 0, pending_count_ = 0;
   std::unique_ptr<uint8_t[]> tx_buf_{new uint8_t[PacketBatch::kCapacity * kTxSlot]};
