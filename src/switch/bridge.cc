@@ -269,9 +269,14 @@ void Bridge::process_batch(BridgePort& in, PacketBatch& batch) {
       cache_stats_.misses++;
       e.decision.clear();
       translate(key, in.ofport, e.decision);
-      for (const DpAction& a : e.decision.actions)
-        if (a.op == DpOp::SetField || a.op == DpOp::DecTtl || a.op == DpOp::SetTtl || a.op == DpOp::Controller)
+      for (const DpAction& a : e.decision.actions) {
+        // Ethernet and 802.1Q fields are outside every checksum; anything else rewritten is not.
+        bool l2_field = a.op == DpOp::SetField && (a.field == uint8_t(Oxm::EthDst) || a.field == uint8_t(Oxm::EthSrc) ||
+                                                   a.field == uint8_t(Oxm::VlanVid) || a.field == uint8_t(Oxm::VlanPcp));
+        if ((a.op == DpOp::SetField && !l2_field) || a.op == DpOp::DecTtl || a.op == DpOp::SetTtl ||
+            a.op == DpOp::Controller)
           e.decision.needs_plain_frames = true;
+      }
       e.key = key;
       e.generation = generation_;
     } else {
