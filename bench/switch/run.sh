@@ -4,6 +4,8 @@
 # Measures 64-byte packets per second (A -> B, AF_PACKET sendmmsg generator), TCP throughput (iperf3
 # A -> B), each with NORMAL only and with 10,000 installed flows, and the flow-mod rate of
 # `ovs-ofctl add-flows` with 10,000 flows. Prints medians and keel/OVS ratios.
+# Then a second scenario, offloads on (the veths' defaults: checksum and segmentation offload, so
+# hosts send 64 KB TCP super-frames), TCP with NORMAL, OVS restarted with userspace-tso-enable=true.
 # Usage: bench/switch/run.sh [BUILD_DIR] [ROUNDS]   (root; builds nothing)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -127,8 +129,40 @@ done
 echo "== 10,000 flows installed"
 measure flows10k
 
+echo "== offloads on (veth defaults: tx, tso, gso on), NORMAL"
+for kind in keel ovs; do
+  for ns in "${A[$kind]}" "${B[$kind]}"; do
+    ip netns exec "$ns" ethtool -K eth0 tx on tso on gso on >/dev/null 2>&1 || true
+  done
+  for p in pa pb; do ip netns exec "${SW[$kind]}" ethtool -K $p tx on tso on gso on >/dev/null 2>&1 || true; done
+done
+bash "$here/../../tests/integration/switch/ovs_peer.sh" restart-tso "$KSW_TMP/ovs" "${SW[ovs]}" >/dev/null 2>&1 ||
+  { echo "Open vSwitch did not restart"; cat "$KSW_TMP/ovs/ovs-vswitchd.log"; exit 1; }
+ksw_wait_of "${SW[ovs]}" 6653
+for kind in keel ovs; do
+  ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 del-flows tcp:127.0.0.1:6653
+  ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 add-flow tcp:127.0.0.1:6653 "priority=0,actions=NORMAL"
+  ip netns exec "${A[$kind]}" ping -c 3 -i 0.2 -W 1 10.0.0.2 >/dev/null || echo "  $kind: ping failed after the change"
+done
+if grep -q "TCP Segmentation Offloading support enabled" "$KSW_TMP/ovs/ovs-vswitchd.log"; then
+  OVS_TSO="OVS: userspace TSO enabled"
+else
+  OVS_TSO="OVS: userspace TSO NOT enabled (see its log); it segments like keel"
+fi
+echo "  $OVS_TSO"
+declare -A tcpo
+for kind in keel ovs; do tcpo[$kind]=""; done
+for r in $(seq "$rounds"); do
+  for kind in keel ovs; do tcpo[$kind]+="$(tcp_gbps $kind) "; done
+done
+for kind in keel ovs; do
+  RESULT[offloads,tcp,$kind]=$(tr ' ' '\n' <<<"${tcpo[$kind]}" | grep . | median)
+  echo "  offloads $kind: tcp Gb/s [${tcpo[$kind]}]"
+done
+
 ratio() { python3 -c "print('%.2fx' % ($1/$2) if float($2) > 0 else 'n/a')"; }
 echo
+echo "offloads off unless said ($OVS_TSO)"
 printf '%-28s %14s %14s %8s\n' "metric" "keel-switch" "OVS netdev" "ratio"
 for scenario in normal flows10k; do
   printf '%-28s %14s %14s %8s\n' "TCP Gb/s ($scenario)" "${RESULT[$scenario,tcp,keel]}" "${RESULT[$scenario,tcp,ovs]}" \
@@ -136,6 +170,8 @@ for scenario in normal flows10k; do
   printf '%-28s %14s %14s %8s\n' "64B pps ($scenario)" "${RESULT[$scenario,pps,keel]}" "${RESULT[$scenario,pps,ovs]}" \
     "$(ratio "${RESULT[$scenario,pps,keel]}" "${RESULT[$scenario,pps,ovs]}")"
 done
+printf '%-28s %14s %14s %8s\n' "TCP Gb/s (offloads on)" "${RESULT[offloads,tcp,keel]}" "${RESULT[offloads,tcp,ovs]}" \
+  "$(ratio "${RESULT[offloads,tcp,keel]}" "${RESULT[offloads,tcp,ovs]}")"
 printf '%-28s %14s %14s %8s\n' "flow-mods/s (add-flows)" "${FM[keel]}" "${FM[ovs]}" "$(ratio "${FM[keel]}" "${FM[ovs]}")"
 
 # The vhost-user path at full speed: two synthetic guests (tests/unit/vhost's front-end playing

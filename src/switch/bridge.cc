@@ -249,13 +249,14 @@ void Bridge::process_batch(BridgePort& in, PacketBatch& batch) {
   now_ = coarse_now();
   for (size_t i = 0; i < batch.size(); ++i) {
     Frame& frame = batch[i];
+    const size_t bytes = frame.wire_len();
     in.port->counters.rx_packets++;
-    in.port->counters.rx_bytes += frame.len;
+    in.port->counters.rx_bytes += bytes;
     if (in.config & (OFPPC_NO_RECV | OFPPC_PORT_DOWN)) {
       in.port->counters.rx_dropped++;
       continue;
     }
-    if (!police(in, frame.len, now_)) {
+    if (!police(in, bytes, now_)) {
       in.port->counters.rx_dropped++;
       continue;
     }
@@ -268,6 +269,14 @@ void Bridge::process_batch(BridgePort& in, PacketBatch& batch) {
       cache_stats_.misses++;
       e.decision.clear();
       translate(key, in.ofport, e.decision);
+      for (const DpAction& a : e.decision.actions) {
+        // Ethernet and 802.1Q fields are outside every checksum; anything else rewritten is not.
+        bool l2_field = a.op == DpOp::SetField && (a.field == uint8_t(Oxm::EthDst) || a.field == uint8_t(Oxm::EthSrc) ||
+                                                   a.field == uint8_t(Oxm::VlanVid) || a.field == uint8_t(Oxm::VlanPcp));
+        if ((a.op == DpOp::SetField && !l2_field) || a.op == DpOp::DecTtl || a.op == DpOp::SetTtl ||
+            a.op == DpOp::Controller)
+          e.decision.needs_plain_frames = true;
+      }
       e.key = key;
       e.generation = generation_;
     } else {
@@ -275,15 +284,15 @@ void Bridge::process_batch(BridgePort& in, PacketBatch& batch) {
     }
     for (Rule* r : e.decision.rules) {
       r->packets++;
-      r->bytes += frame.len;
+      r->bytes += bytes;
       r->last_used = now_;
     }
     for (auto& [g, bucket] : e.decision.groups) {
       g->packets++;
-      g->bytes += frame.len;
+      g->bytes += bytes;
       if (bucket < g->bucket_counts.size()) {
         g->bucket_counts[bucket].first++;
-        g->bucket_counts[bucket].second += frame.len;
+        g->bucket_counts[bucket].second += bytes;
       }
     }
     scratch_used_ = 0;
@@ -298,7 +307,23 @@ void Bridge::process_batch(BridgePort& in, PacketBatch& batch) {
       ip_len = uint32_t(ip[2] << 8 | ip[3]);
       if (key.ip_proto == IPPROTO_TCP && layout.l4 && frame.len >= layout.l4 + 14u) tcp_flags = frame.data[layout.l4 + 13];
     }
-    execute(e.decision, &in, frame, key);
+    if (frame.is_super() && e.decision.needs_plain_frames) {
+      // Rewrites would break the super-frame's partial checksum, a controller wants real frames:
+      // cut it and run the decision on each segment (same headers, so the same decision).
+      Frame& seg = plain_segment_[0];
+      bool cut = cut_super_frame(frame.data, frame.len, frame.payload, frame.payload_len, frame.offload.gso_size,
+                                 seg.buffer + Frame::kHeadroom, Frame::kBufferSize - Frame::kHeadroom,
+                                 [&](const uint8_t* p, size_t n) {
+                                   seg.reset_to_headroom();
+                                   seg.len = uint32_t(n);
+                                   (void)p;  // built in place, at seg.data
+                                   scratch_used_ = 0;
+                                   execute(e.decision, &in, seg, key);
+                                 });
+      if (!cut) in.port->counters.rx_errors++;
+    } else {
+      execute(e.decision, &in, frame, key);
+    }
     if (netflow_ && is_ipv4) netflow_->account(key, in.ofport, last_output_, ip_len, tcp_flags, now_);
   }
   flush_ports();
@@ -310,7 +335,7 @@ void Bridge::output(BridgePort* out, BridgePort* in, const Frame& frame) {
     out->port->counters.tx_dropped++;
     return;
   }
-  out->port->send(frame.data, frame.len);
+  out->port->send_frame(frame);
   if (std::find(dirty_ports_.begin(), dirty_ports_.end(), out) == dirty_ports_.end()) dirty_ports_.push_back(out);
   last_output_ = out->ofport;
   if (mirroring_) mirror_frame(frame, out, false);
@@ -340,15 +365,14 @@ void Bridge::mirror_frame(const Frame& frame, BridgePort* port, bool ingress) {
     if (m.output_port) {
       BridgePort* out = port_by_ofport(m.output_port);
       if (!out || !out->live) continue;
-      out->port->send(frame.data, frame.len);
+      out->port->send_frame(frame);
       if (std::find(dirty_ports_.begin(), dirty_ports_.end(), out) == dirty_ports_.end()) dirty_ports_.push_back(out);
     } else if (m.output_vlan) {
       // RSPAN: the copy travels tagged with the mirror VLAN on every trunk that carries it.
       if (scratch_used_ >= PacketBatch::kCapacity) continue;
       Frame& c = scratch_frames_[scratch_used_++];
       c.reset_to_headroom();
-      std::memcpy(c.data, frame.data, frame.len);
-      c.len = frame.len;
+      c.copy_from(frame);
       frame_pop_vlan(c);
       frame_push_vlan(c, 0x8100, *m.output_vlan);
       for (auto& [no, bp] : ports_) {
@@ -357,7 +381,7 @@ void Bridge::mirror_frame(const Frame& frame, BridgePort* port, bool ingress) {
         bool carries = !(v.tag && v.trunks.empty()) &&
                        (v.trunks.empty() || std::find(v.trunks.begin(), v.trunks.end(), *m.output_vlan) != v.trunks.end());
         if (!carries) continue;
-        bp->port->send(c.data, c.len);
+        bp->port->send_frame(c);
         if (std::find(dirty_ports_.begin(), dirty_ports_.end(), bp.get()) == dirty_ports_.end())
           dirty_ports_.push_back(bp.get());
       }
@@ -392,7 +416,7 @@ void Bridge::execute(const Decision& d, BridgePort* in, Frame& original, const F
         break;
       case DpOp::InPort:
         if (in) {
-          in->port->send(frame->data, frame->len);
+          in->port->send_frame(*frame);
           if (std::find(dirty_ports_.begin(), dirty_ports_.end(), in) == dirty_ports_.end())
             dirty_ports_.push_back(in);
         }
@@ -440,8 +464,7 @@ void Bridge::execute(const Decision& d, BridgePort* in, Frame& original, const F
         }
         Frame& c = scratch_frames_[scratch_used_++];
         c.reset_to_headroom();
-        std::memcpy(c.data, frame->data, frame->len);
-        c.len = frame->len;
+        c.copy_from(*frame);
         saved[depth++] = frame;
         frame = &c;
         break;
@@ -496,8 +519,7 @@ void Bridge::do_normal(BridgePort* in, Frame& frame) {
     if (scratch_used_ >= PacketBatch::kCapacity) return nullptr;
     Frame& c = scratch_frames_[scratch_used_++];
     c.reset_to_headroom();
-    std::memcpy(c.data, frame.data, frame.len);
-    c.len = frame.len;
+    c.copy_from(frame);
     if (want_tag) {
       if (has_tag) frame_pop_vlan(c);
       frame_push_vlan(c, 0x8100, uint16_t((tci >= 0 ? tci & 0xe000 : 0) | vlan));

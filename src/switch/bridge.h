@@ -191,10 +191,12 @@ private:
     std::vector<DpAction> actions;
     std::vector<Rule*> rules;
     std::vector<std::pair<Group*, uint32_t>> groups;  // group, bucket index (UINT32_MAX: none)
+    bool needs_plain_frames = false;  // rewrites checksummed headers or sends to a controller
     void clear() {
       actions.clear();
       rules.clear();
       groups.clear();
+      needs_plain_frames = false;
     }
   };
   struct CacheEntry {
@@ -269,6 +271,7 @@ private:
   Decision scratch_decision_;
   PacketBatch batch_;
   PacketBatch scratch_frames_;  // clones for group buckets and VLAN re-tagging in NORMAL
+  PacketBatch plain_segment_;   // [0]: a super-frame's segment, when its decision needs plain frames
   size_t scratch_used_ = 0;
   std::vector<BridgePort*> dirty_ports_;
   Clock::time_point now_{};

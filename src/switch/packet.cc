@@ -2,6 +2,7 @@
 
 #include <netinet/in.h>
 
+#include <bit>
 #include <cstring>
 
 namespace keel::sw {
@@ -34,6 +35,87 @@ FrameLayout layout_of(const Frame& f) {
 }
 
 }  // namespace
+
+void Frame::copy_from(const Frame& o) {
+  std::memcpy(data, o.data, o.len);
+  len = o.len;
+  payload = o.payload;
+  payload_len = o.payload_len;
+  offload = o.offload;
+}
+
+// The bulk is summed as native 32-bit words into 64 bits (the ones-complement sum commutes with byte
+// order, so it is swapped once at the end): segmentation checksums every byte it forwards.
+uint32_t ones_sum(const uint8_t* p, size_t n, uint32_t sum) {
+  uint64_t wide = 0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    uint32_t w;
+    std::memcpy(&w, p + i, 4);
+    wide += w;
+  }
+  wide = (wide & 0xffffffff) + (wide >> 32);
+  wide = (wide & 0xffffffff) + (wide >> 32);
+  uint32_t native = uint32_t(wide & 0xffff) + uint32_t(wide >> 16);
+  native = (native & 0xffff) + (native >> 16);
+  native = (native & 0xffff) + (native >> 16);
+  if constexpr (std::endian::native == std::endian::little) native = uint32_t(__builtin_bswap16(uint16_t(native)));
+  sum += native;
+  for (; i + 1 < n; i += 2) sum += uint32_t(p[i] << 8 | p[i + 1]);
+  if (n & 1) sum += uint32_t(p[n - 1] << 8);
+  return sum;
+}
+
+uint16_t ones_finish(uint32_t sum) {
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  return uint16_t(~sum);
+}
+
+size_t tcp_headers_end(const uint8_t* d, size_t len) {
+  FlowKey key;
+  FrameLayout l;
+  extract_flow(d, len, 0, key, l);
+  bool ip = key.eth_type == be16(kEthTypeIpv4) || key.eth_type == be16(0x86dd);
+  if (!ip || !l.l3 || !l.l4 || key.ip_proto != IPPROTO_TCP || len < l.l4 + 20u) return 0;
+  size_t thl = size_t(d[l.l4 + 12] >> 4) * 4;
+  if (thl < 20 || l.l4 + thl > len) return 0;
+  return l.l4 + thl;
+}
+
+bool cut_super_frame_prepare(const uint8_t* hdr, size_t hdr_len, size_t mss, size_t scratch_size,
+                             FrameLayout& layout) {
+  if (mss == 0 || hdr_len + mss > scratch_size || tcp_headers_end(hdr, hdr_len) != hdr_len) return false;
+  FlowKey key;
+  extract_flow(hdr, hdr_len, 0, key, layout);
+  return true;
+}
+
+void cut_super_frame_fix(uint8_t* s, const FrameLayout& l, size_t hdr_len, size_t n, size_t off, size_t k,
+                         bool last) {
+  uint8_t* ip = s + l.l3;
+  uint8_t* tcp = s + l.l4;
+  bool v4 = (ip[0] >> 4) == 4;
+  size_t tcp_len = hdr_len - l.l4 + n;
+  uint32_t pseudo;
+  if (v4) {
+    wr16(ip + 2, uint16_t(hdr_len + n - l.l3));
+    wr16(ip + 4, uint16_t(rd16(ip + 4) + k));
+    wr16(ip + 10, 0);
+    wr16(ip + 10, ones_finish(ones_sum(ip, size_t(ip[0] & 0xf) * 4)));
+    pseudo = ones_sum(ip + 12, 8);
+  } else {
+    wr16(ip + 4, uint16_t(hdr_len + n - l.l3 - 40));
+    pseudo = ones_sum(ip + 8, 32);
+  }
+  uint32_t seq = (uint32_t(rd16(tcp + 4)) << 16 | rd16(tcp + 6)) + uint32_t(off);
+  wr16(tcp + 4, uint16_t(seq >> 16));
+  wr16(tcp + 6, uint16_t(seq));
+  if (!last) tcp[13] &= uint8_t(~(0x01 | 0x08));  // FIN, PSH only on the last segment
+  if (k > 0) tcp[13] &= uint8_t(~0x80);          // CWR only on the first
+  wr16(tcp + 16, 0);
+  pseudo += IPPROTO_TCP + uint32_t(tcp_len);
+  wr16(tcp + 16, ones_finish(ones_sum(tcp, tcp_len, pseudo)));
+}
 
 int frame_vlan_tci(const Frame& f) {
   if (f.len < 18 || !is_vlan_tpid(rd16(f.data + 12))) return -1;

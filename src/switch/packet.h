@@ -3,22 +3,83 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "switch/flow.h"
 
 namespace keel::sw {
 
+// Segmentation offload of a TCP super-frame (the virtio-net header's gso_type and gso_size).
+struct Offload {
+  uint8_t gso_type = 0;  // 0: none; else VIRTIO_NET_HDR_GSO_TCPV4 (1) / TCPV6 (4), ECN bit (0x80) kept
+  uint16_t gso_size = 0;  // payload bytes per segment
+};
+
 // One frame in a preallocated buffer with headroom, so pushing a VLAN tag never reallocates.
+//
+// A TCP super-frame (a sender's segmentation offload, up to 64 KB) travels whole: `data`/`len` hold
+// its headers (Ethernet to TCP, rewritten like any frame's), `payload` points at its TCP payload,
+// which stays with the port that received it until the batch is done, and `offload` says how to cut
+// it. Its TCP checksum field holds the pseudo-header sum (a partial checksum), so header rewrites
+// that touch checksummed fields need it cut into ordinary segments first (cut_super_frame).
 struct Frame {
   static constexpr size_t kHeadroom = 64;
   static constexpr size_t kBufferSize = 10240;  // headroom + a jumbo frame
   uint8_t* buffer = nullptr;  // kBufferSize bytes
   uint8_t* data = nullptr;    // start of the frame inside buffer
   uint32_t len = 0;
+  const uint8_t* payload = nullptr;  // super-frames only
+  uint32_t payload_len = 0;
+  Offload offload{};
 
-  void reset_to_headroom() { data = buffer + kHeadroom; len = 0; }
+  void reset_to_headroom() {
+    data = buffer + kHeadroom;
+    len = 0;
+    payload = nullptr;
+    payload_len = 0;
+    offload = {};
+  }
   size_t capacity_after_data() const { return size_t(buffer + kBufferSize - data); }
+  bool is_super() const { return payload != nullptr; }
+  size_t wire_len() const { return len + payload_len; }
+  // Copies the frame (headers and the reference to a super-frame's payload) into this one's buffer.
+  void copy_from(const Frame& other);
 };
+
+// Ones-complement sum of a byte range (16-bit big-endian words), not folded, and its final form.
+uint32_t ones_sum(const uint8_t* p, size_t n, uint32_t sum = 0);
+uint16_t ones_finish(uint32_t sum);
+
+// Where the TCP header of a TCP/IPv4 or TCP/IPv6 frame ends (0 if it is not one, or truncated).
+size_t tcp_headers_end(const uint8_t* frame, size_t len);
+
+// Cuts a TCP super-frame (headers `hdr` of `hdr_len` bytes, exactly up to the end of the TCP header,
+// VLAN tags included; `payload` separate) into segments of at most `mss` payload bytes, fixing IP
+// lengths and ids, sequence numbers, FIN/PSH/CWR and both checksums, as the sender's NIC would. Each
+// segment is built in `scratch` (scratch_size bytes) and handed to `emit`. False when the headers are
+// not TCP or the sizes do not fit (nothing emitted then).
+template <typename Emit>
+bool cut_super_frame(const uint8_t* hdr, size_t hdr_len, const uint8_t* payload, size_t payload_len, size_t mss,
+                     uint8_t* scratch, size_t scratch_size, Emit&& emit);
+bool cut_super_frame_prepare(const uint8_t* hdr, size_t hdr_len, size_t mss, size_t scratch_size,
+                             FrameLayout& layout);
+void cut_super_frame_fix(uint8_t* seg, const FrameLayout& layout, size_t hdr_len, size_t n, size_t off,
+                         size_t k, bool last);
+
+template <typename Emit>
+bool cut_super_frame(const uint8_t* hdr, size_t hdr_len, const uint8_t* payload, size_t payload_len, size_t mss,
+                     uint8_t* scratch, size_t scratch_size, Emit&& emit) {
+  FrameLayout layout;
+  if (!cut_super_frame_prepare(hdr, hdr_len, mss, scratch_size, layout)) return false;
+  for (size_t off = 0, k = 0; off < payload_len; off += mss, ++k) {
+    size_t n = payload_len - off < mss ? payload_len - off : mss;
+    std::memcpy(scratch, hdr, hdr_len);
+    std::memcpy(scratch + hdr_len, payload + off, n);
+    cut_super_frame_fix(scratch, layout, hdr_len, n, off, k, off + n >= payload_len);
+    emit(static_cast<const uint8_t*>(scratch), hdr_len + n);
+  }
+  return true;
+}
 
 // Header rewrites. Each keeps checksums valid (incremental updates) and is a no-op on frames that
 // lack the header. Return false when the frame must be dropped (TTL expired).

@@ -54,6 +54,9 @@ public:
   // Appends received frames to the batch (up to its capacity); returns how many it added.
   virtual size_t receive(PacketBatch& batch) = 0;
   virtual void send(const uint8_t* frame, size_t len) = 0;
+  // Sends a frame as the datapath holds it: ports that take TCP super-frames (segmentation offload)
+  // override this; the default cuts them into ordinary frames for send().
+  virtual void send_frame(const Frame& frame);
   virtual void flush() {}
   virtual bool link_up() const { return true; }
   virtual MacAddress mac() const { return {}; }

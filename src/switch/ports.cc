@@ -11,12 +11,26 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cstring>
 
 #include "base/log.h"
+#include "base/mapping.h"
 #include "switch/port.h"
 
 namespace keel::sw {
+
+void Port::send_frame(const Frame& f) {
+  if (!f.is_super()) {
+    send(f.data, f.len);
+    return;
+  }
+  // This port takes only ordinary frames: cut the super-frame here.
+  thread_local std::unique_ptr<uint8_t[]> scratch(new uint8_t[Frame::kBufferSize]);
+  if (!cut_super_frame(f.data, f.len, f.payload, f.payload_len, f.offload.gso_size, scratch.get(),
+                       Frame::kBufferSize, [&](const uint8_t* seg, size_t n) { send(seg, n); }))
+    counters.tx_errors++;
+}
 
 PacketBatch::PacketBatch() : storage_(new uint8_t[kCapacity * Frame::kBufferSize]) {
   for (size_t i = 0; i < kCapacity; ++i) {
@@ -172,35 +186,34 @@ constexpr uint8_t VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
 constexpr uint8_t VIRTIO_NET_HDR_GSO_NONE = 0, VIRTIO_NET_HDR_GSO_TCPV4 = 1, VIRTIO_NET_HDR_GSO_TCPV6 = 4,
                   VIRTIO_NET_HDR_GSO_ECN = 0x80;
 
-// Ones-complement sum of a byte range (16-bit big-endian words), not folded.
-uint32_t csum_add(const uint8_t* p, size_t n, uint32_t sum = 0) {
-  for (size_t i = 0; i + 1 < n; i += 2) sum += uint32_t(p[i] << 8 | p[i + 1]);
-  if (n & 1) sum += uint32_t(p[n - 1] << 8);
-  return sum;
-}
-uint16_t csum_finish(uint32_t sum) {
-  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
-  return uint16_t(~sum);
-}
 void put16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v >> 8); p[1] = uint8_t(v); }
-uint16_t get16(const uint8_t* p) { return uint16_t(p[0] << 8 | p[1]); }
 
-// AF_PACKET with recvmmsg/sendmmsg batching.
+// AF_PACKET: a TPACKET_V2 receive ring, sendmmsg to transmit.
 //
-// The kernel strips VLAN tags into metadata on receive; PACKET_AUXDATA gives them back and we
+// Received frames land in a ring shared with the kernel (PACKET_RX_RING): the kernel copies each
+// frame into a free slot in the sender's own context (for a veth, the softirq of whoever sent on its
+// peer), so the datapath thread only reads memory, without a syscall or a copy per frame. A frame too
+// large for a slot (a GSO super-frame, a jumbo frame) is marked TP_STATUS_COPY in its slot and
+// queued whole on the socket (PACKET_COPY_THRESH); we take it with recvmsg() in ring order.
+//
+// The kernel strips VLAN tags into metadata on receive; the slot header gives them back and we
 // re-insert them so the switch sees frames as on the wire. With PACKET_VNET_HDR, frames that a sender
 // left unfinished (checksum offload: a partial checksum; segmentation offload: one 64 KB TCP
 // "super-frame") come with a virtio-net header saying so; we finish them here, at the edge, so the
 // rest of the switch and every other port only ever see ordinary frames.
 class AfPacketPort final : public Port {
 public:
-  AfPacketPort(UniqueFd fd, std::string name) : fd_(std::move(fd)), name_(std::move(name)) {
+  // The ring's geometry: 2 KiB slots hold any standard Ethernet frame plus the slot header and the
+  // virtio-net header; 2048 of them (4 MiB, as the socket buffer before) absorb bursts.
+  static constexpr size_t kSlotSize = 2048, kSlotsPerBlock = 32, kBlocks = 64;
+  static constexpr size_t kSlots = kSlotsPerBlock * kBlocks;
+
+  AfPacketPort(UniqueFd fd, std::string name, Mapping ring)
+      : fd_(std::move(fd)), name_(std::move(name)), ring_(std::move(ring)) {
+    copy_msg_.msg_hdr.msg_iov = copy_iov_;
+    copy_msg_.msg_hdr.msg_iovlen = 3;
+    copy_iov_[0] = {&copy_vnet_, sizeof(virtio_net_hdr)};
     for (size_t i = 0; i < PacketBatch::kCapacity; ++i) {
-      rx_msgs_[i].msg_hdr.msg_iov = rx_iov_[i];
-      rx_msgs_[i].msg_hdr.msg_iovlen = 3;
-      rx_msgs_[i].msg_hdr.msg_control = rx_cmsg_[i];
-      rx_iov_[i][0] = {&rx_vnet_[i], sizeof(virtio_net_hdr)};
-      rx_iov_[i][2] = {overflow_.get() + i * kOverflow, kOverflow};
       tx_iov_[i][0] = {&tx_vnet_, sizeof(virtio_net_hdr)};
       tx_iov_[i][1].iov_base = tx_buf_.get() + i * kTxSlot;
       tx_msgs_[i].msg_hdr.msg_iov = tx_iov_[i];
@@ -212,60 +225,55 @@ public:
   bool has_pending() const override { return pending_head_ < pending_count_; }
 
   size_t receive(PacketBatch& batch) override {
-    size_t added = drain_pending(batch);
-    size_t base = batch.size();
-    // Read more only when what is read can be held: each message may become 45 segments.
-    size_t want = std::min(PacketBatch::kCapacity - base, (kMaxPending - pending_count_) / 46);
-    if (want == 0) return added;
-    for (size_t i = 0; i < want; ++i) {
-      Frame& f = batch[base + i];
-      f.reset_to_headroom();
-      rx_iov_[i][1] = {f.data, f.capacity_after_data()};
-      rx_msgs_[i].msg_hdr.msg_controllen = sizeof rx_cmsg_[i];
-      rx_msgs_[i].msg_hdr.msg_flags = 0;
-    }
-    int n = recvmmsg(fd_.get(), rx_msgs_, unsigned(want), MSG_DONTWAIT, nullptr);
-    if (n <= 0) return added;
-    size_t kept = 0;
-    for (int i = 0; i < n; ++i) {
-      Frame& f = batch[base + size_t(i)];
-      const virtio_net_hdr& vh = rx_vnet_[i];
-      size_t total = rx_msgs_[i].msg_len >= sizeof vh ? rx_msgs_[i].msg_len - sizeof vh : 0;
+    super_used_ = 0;
+    size_t added = drain_pending(batch), taken = 0;
+    // Take a slot only when what it holds can be kept: a super-frame may become 45 segments.
+    while (batch.size() < PacketBatch::kCapacity && pending_count_ + 46 <= kMaxPending &&
+           super_used_ < PacketBatch::kCapacity) {
+      auto* h = reinterpret_cast<tpacket2_hdr*>(ring_.data() + rx_head_ * kSlotSize);
+      uint32_t status = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
+      if (!(status & TP_STATUS_USER)) break;
+      if (status & TP_STATUS_LOSING) account_ring_drops();
       int tci = -1;
       uint16_t tpid = 0x8100;
-      for (cmsghdr* c = CMSG_FIRSTHDR(&rx_msgs_[i].msg_hdr); c; c = CMSG_NXTHDR(&rx_msgs_[i].msg_hdr, c)) {
-        if (c->cmsg_level != SOL_PACKET || c->cmsg_type != PACKET_AUXDATA) continue;
-        tpacket_auxdata aux;
-        std::memcpy(&aux, CMSG_DATA(c), sizeof aux);
-        if (aux.tp_status & TP_STATUS_VLAN_VALID) {
-          tci = aux.tp_vlan_tci;
-          if (aux.tp_status & TP_STATUS_VLAN_TPID_VALID) tpid = aux.tp_vlan_tpid;
+      if (status & TP_STATUS_VLAN_VALID) {
+        tci = h->tp_vlan_tci;
+        if (status & TP_STATUS_VLAN_TPID_VALID) tpid = h->tp_vlan_tpid;
+      }
+      if (status & TP_STATUS_COPY) {
+        // The whole frame waits on the socket queue, in ring order; the slot has only its start.
+        added += receive_queued(batch, tci, tpid);
+      } else if (h->tp_mac < sizeof(tpacket2_hdr) + sizeof(virtio_net_hdr) || h->tp_snaplen != h->tp_len ||
+                 size_t(h->tp_mac) + h->tp_snaplen > kSlotSize) {
+        counters.rx_errors++;  // truncated (cannot happen with our snap length) or a malformed slot
+      } else {
+        virtio_net_hdr vh;
+        const uint8_t* data = reinterpret_cast<const uint8_t*>(h) + h->tp_mac;
+        std::memcpy(&vh, data - sizeof vh, sizeof vh);
+        Frame& f = batch[batch.size()];
+        f.reset_to_headroom();
+        if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+          if (!segment(data, h->tp_len, vh, tci, tpid)) counters.rx_errors++;
+        } else if (h->tp_len > f.capacity_after_data()) {
+          counters.rx_errors++;
+        } else {
+          std::memcpy(f.data, data, h->tp_len);
+          f.len = h->tp_len;
+          added += accept(batch, f, vh, tci, tpid);
         }
       }
-      if ((rx_msgs_[i].msg_hdr.msg_flags & MSG_TRUNC) || total < 14) {
-        counters.rx_errors++;
-        continue;
-      }
-      if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-        // A super-frame: gather it (it may spill past the frame buffer) and cut it into segments,
-        // which wait in `pending_` for this or the next batch.
-        size_t in_frame = std::min(total, f.capacity_after_data());
-        std::memcpy(gso_buf_.get(), f.data, in_frame);
-        if (total > in_frame) std::memcpy(gso_buf_.get() + in_frame, rx_iov_[i][2].iov_base, total - in_frame);
-        if (!segment(gso_buf_.get(), total, vh, tci, tpid)) counters.rx_errors++;
-        continue;
-      }
-      f.len = uint32_t(total);
-      if ((vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !finish_checksum(f.data, f.len, vh)) {
-        counters.rx_errors++;
-        continue;
-      }
-      if (tci >= 0) frame_push_vlan(f, tpid, uint16_t(tci));
-      if (kept != size_t(i)) std::swap(batch[base + kept], batch[base + size_t(i)]);
-      ++kept;
+      __atomic_store_n(&h->tp_status, uint32_t(TP_STATUS_KERNEL), __ATOMIC_RELEASE);
+      rx_head_ = rx_head_ + 1 == kSlots ? 0 : rx_head_ + 1;
+      ++taken;
     }
-    batch.set_size(base + kept);
-    added += kept;
+    if (taken == 0) {
+      // Woken with nothing in the ring: a pending socket error (ENETDOWN when the interface went
+      // down, or was down at bind) makes the fd poll as ready until it is read; nothing on the ring
+      // path reads it, so read it here, or the datapath would spin on this fd.
+      int err = 0;
+      socklen_t len = sizeof err;
+      getsockopt(fd_.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    }
     return added + drain_pending(batch);
   }
 
@@ -298,6 +306,31 @@ public:
     tx_count_ = 0;
   }
 
+  // A super-frame goes out whole behind a virtio-net header describing it: the kernel (or the
+  // receiving host's stack, through a veth) segments it, or a NIC with segmentation offload does.
+  void send_frame(const Frame& f) override {
+    if (!f.is_super()) {
+      send(f.data, f.len);
+      return;
+    }
+    flush();  // frames queued before it leave before it
+    FlowKey key;
+    FrameLayout l;
+    extract_flow(f.data, f.len, 0, key, l);
+    virtio_net_hdr vh{VIRTIO_NET_HDR_F_NEEDS_CSUM, f.offload.gso_type, uint16_t(f.len), f.offload.gso_size,
+                      l.l4, 16};
+    iovec iov[3] = {{&vh, sizeof vh}, {f.data, f.len}, {const_cast<uint8_t*>(f.payload), f.payload_len}};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 3;
+    if (sendmsg(fd_.get(), &msg, MSG_DONTWAIT) == ssize_t(sizeof vh + f.wire_len())) {
+      counters.tx_packets++;
+      counters.tx_bytes += f.wire_len();
+    } else {
+      counters.tx_dropped++;
+    }
+  }
+
   bool link_up() const override { return interface_running(name_); }
   MacAddress mac() const override {
     auto m = interface_mac(name_);
@@ -306,72 +339,109 @@ public:
 
 private:
   static constexpr size_t kTxSlot = 10240 - Frame::kHeadroom;
-  static constexpr size_t kOverflow = 64 * 1024;  // room for a GSO super-frame beyond the frame buffer
+  // Super-frames kept whole: one slot per frame of a batch (the bridge is done with a batch before
+  // it asks for the next), each kHead bytes of room plus the largest IP packet.
+  static constexpr size_t kHead = 256, kSuperSlot = kHead + 65536 + 64;
   // Segments waiting for a batch: enough for a batch of super-frames (32 x 45 MSS-sized segments).
   static constexpr size_t kMaxPending = 1536;
+
+  // Finishes an ordinary frame already in `f` (the next slot of the batch): completes a partial
+  // checksum, re-inserts the VLAN tag. Returns 1 when the frame joined the batch.
+  size_t accept(PacketBatch& batch, Frame& f, const virtio_net_hdr& vh, int tci, uint16_t tpid) {
+    if (f.len < 14 || ((vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !finish_checksum(f.data, f.len, vh))) {
+      counters.rx_errors++;
+      return 0;
+    }
+    if (tci >= 0) frame_push_vlan(f, tpid, uint16_t(tci));
+    batch.set_size(batch.size() + 1);
+    return 1;
+  }
+
+  // A frame the ring could not hold, from the socket queue.
+  // A frame the ring could not hold, from the socket queue. Its first kHead bytes land in the batch
+  // frame, the rest in a super-frame slot behind kHead bytes of room: a TCP super-frame stays whole
+  // (headers in the frame, payload contiguous in the slot); any other frame is joined in the frame.
+  size_t receive_queued(PacketBatch& batch, int tci, uint16_t tpid) {
+    Frame& f = batch[batch.size()];
+    f.reset_to_headroom();
+    uint8_t* slot = super_slots_.get() + super_used_ * kSuperSlot;
+    copy_iov_[1] = {f.data, kHead};
+    copy_iov_[2] = {slot + kHead, kSuperSlot - kHead};
+    copy_msg_.msg_hdr.msg_flags = 0;
+    ssize_t n = recvmsg(fd_.get(), &copy_msg_.msg_hdr, MSG_DONTWAIT);
+    // A pending socket error (ENETDOWN from a link change) is reported, and cleared, before any
+    // frame: the frame is still queued behind it.
+    if (n < 0 && errno != EAGAIN && errno != EINTR) n = recvmsg(fd_.get(), &copy_msg_.msg_hdr, MSG_DONTWAIT);
+    if (n < ssize_t(sizeof(virtio_net_hdr)) + 14 || (copy_msg_.msg_hdr.msg_flags & MSG_TRUNC)) {
+      if (n >= 0) counters.rx_errors++;
+      return 0;
+    }
+    size_t total = size_t(n) - sizeof(virtio_net_hdr);
+    size_t in_frame = std::min(total, kHead);
+    const virtio_net_hdr& vh = copy_vnet_;
+    if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+      uint8_t type = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+      size_t hdr = tcp_headers_end(f.data, in_frame);
+      if ((type != VIRTIO_NET_HDR_GSO_TCPV4 && type != VIRTIO_NET_HDR_GSO_TCPV6) || hdr == 0 ||
+          vh.gso_size == 0 || hdr + vh.gso_size > kTxSlot || !(vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
+        counters.rx_errors++;
+        return 0;
+      }
+      // The payload's first bytes came into the frame: move them in front of the rest.
+      std::memcpy(slot + hdr, f.data + hdr, in_frame - hdr);
+      f.len = uint32_t(hdr);
+      f.payload = slot + hdr;
+      f.payload_len = uint32_t(total - hdr);
+      f.offload.gso_type = vh.gso_type;
+      f.offload.gso_size = vh.gso_size;
+      ++super_used_;
+      if (tci >= 0) frame_push_vlan(f, tpid, uint16_t(tci));
+      batch.set_size(batch.size() + 1);
+      return 1;
+    }
+    if (total > f.capacity_after_data()) {
+      counters.rx_errors++;
+      return 0;
+    }
+    if (total > kHead) std::memcpy(f.data + kHead, slot + kHead, total - kHead);
+    f.len = uint32_t(total);
+    return accept(batch, f, vh, tci, tpid);
+  }
+
+  // The kernel flagged that the ring overflowed: fetch (and reset) its drop count.
+  void account_ring_drops() {
+    tpacket_stats st{};
+    socklen_t len = sizeof st;
+    if (getsockopt(fd_.get(), SOL_PACKET, PACKET_STATISTICS, &st, &len) == 0) counters.rx_dropped += st.tp_drops;
+  }
 
   // Completes a partial checksum: the field holds the pseudo-header sum; sum from csum_start on.
   static bool finish_checksum(uint8_t* d, size_t len, const virtio_net_hdr& vh) {
     size_t start = vh.csum_start, field = size_t(vh.csum_start) + vh.csum_offset;
     if (start >= len || field + 2 > len) return false;
-    put16(d + field, csum_finish(csum_add(d + start, len - start)));
+    put16(d + field, ones_finish(ones_sum(d + start, len - start)));
     return true;
   }
 
-  // TCP segmentation of a super-frame (untagged bytes `d`), as the sender's NIC would have done.
+  // TCP segmentation of a super-frame (untagged bytes `d`), as the sender's NIC would have done;
+  // the segments wait in `pending_`.
   bool segment(const uint8_t* d, size_t len, const virtio_net_hdr& vh, int tci, uint16_t tpid) {
     uint8_t type = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
     if (type != VIRTIO_NET_HDR_GSO_TCPV4 && type != VIRTIO_NET_HDR_GSO_TCPV6) return false;
-    FlowKey key;
-    FrameLayout l;
-    extract_flow(d, len, 0, key, l);
-    if (!l.l3 || !l.l4 || key.ip_proto != IPPROTO_TCP || len < l.l4 + 20u) return false;
-    bool v4 = key.eth_type == be16(kEthTypeIpv4);
-    size_t thl = size_t(d[l.l4 + 12] >> 4) * 4;
-    size_t hdr = l.l4 + thl;
-    size_t mss = vh.gso_size;
-    if (thl < 20 || hdr > len || mss == 0 || hdr + mss > kTxSlot) return false;
-    size_t payload = len - hdr;
-    uint32_t seq = uint32_t(get16(d + l.l4 + 4)) << 16 | get16(d + l.l4 + 6);
-    uint16_t ip_id = v4 ? get16(d + l.l3 + 4) : 0;
-    for (size_t off = 0, k = 0; off < payload; off += mss, ++k) {
-      if (pending_count_ >= kMaxPending) {
-        counters.rx_dropped++;
-        return true;  // the sender will retransmit what did not fit
-      }
-      size_t n = std::min(mss, payload - off);
-      auto& seg = pending_[pending_count_];
-      seg.frame.resize(hdr + n);
-      uint8_t* s = seg.frame.data();
-      std::memcpy(s, d, hdr);
-      std::memcpy(s + hdr, d + hdr + off, n);
-      uint8_t* ip = s + l.l3;
-      uint8_t* tcp = s + l.l4;
-      size_t tcp_len = thl + n;
-      uint32_t pseudo;
-      if (v4) {
-        put16(ip + 2, uint16_t(hdr + n - l.l3));
-        put16(ip + 4, uint16_t(ip_id + k));
-        put16(ip + 10, 0);
-        put16(ip + 10, csum_finish(csum_add(ip, size_t(ip[0] & 0xf) * 4)));
-        pseudo = csum_add(ip + 12, 8);
-      } else {
-        put16(ip + 4, uint16_t(hdr + n - l.l3 - 40));
-        pseudo = csum_add(ip + 8, 32);
-      }
-      uint32_t sq = seq + uint32_t(off);
-      put16(tcp + 4, uint16_t(sq >> 16));
-      put16(tcp + 6, uint16_t(sq));
-      if (off + n < payload) tcp[13] &= uint8_t(~(0x01 | 0x08));  // FIN, PSH only on the last segment
-      if (k > 0) tcp[13] &= uint8_t(~0x80);                     // CWR only on the first
-      put16(tcp + 16, 0);
-      pseudo += IPPROTO_TCP + uint32_t(tcp_len);
-      put16(tcp + 16, csum_finish(csum_add(tcp, tcp_len, pseudo)));
-      seg.tci = tci;
-      seg.tpid = tpid;
-      ++pending_count_;
+    size_t hdr = tcp_headers_end(d, len);
+    if (hdr == 0) return false;
+    size_t mss = vh.gso_size, count = mss ? (len - hdr + mss - 1) / mss : 0;
+    if (pending_count_ + count > kMaxPending) {
+      counters.rx_dropped++;  // the sender will retransmit what did not fit
+      return true;
     }
-    return true;
+    return cut_super_frame(d, hdr, d + hdr, len - hdr, mss, seg_scratch_.get(), kTxSlot,
+                           [&](const uint8_t* seg, size_t n) {
+                             auto& p = pending_[pending_count_++];
+                             p.frame.assign(seg, seg + n);
+                             p.tci = tci;
+                             p.tpid = tpid;
+                           });
   }
 
   size_t drain_pending(PacketBatch& batch) {
@@ -398,12 +468,14 @@ private:
 
   UniqueFd fd_;
   std::string name_;
-  mmsghdr rx_msgs_[PacketBatch::kCapacity]{};
-  iovec rx_iov_[PacketBatch::kCapacity][3]{};
-  virtio_net_hdr rx_vnet_[PacketBatch::kCapacity]{};
-  alignas(cmsghdr) uint8_t rx_cmsg_[PacketBatch::kCapacity][CMSG_SPACE(sizeof(tpacket_auxdata))]{};
-  std::unique_ptr<uint8_t[]> overflow_{new uint8_t[PacketBatch::kCapacity * kOverflow]};
-  std::unique_ptr<uint8_t[]> gso_buf_{new uint8_t[kOverflow + 10240]};
+  Mapping ring_;       // kSlots slots of kSlotSize bytes
+  size_t rx_head_ = 0;  // the next slot the kernel fills
+  mmsghdr copy_msg_{};
+  iovec copy_iov_[3]{};
+  virtio_net_hdr copy_vnet_{};
+  std::unique_ptr<uint8_t[]> super_slots_{new uint8_t[PacketBatch::kCapacity * kSuperSlot]};
+  size_t super_used_ = 0;  // slots given out in this receive()
+  std::unique_ptr<uint8_t[]> seg_scratch_{new uint8_t[kTxSlot]};
   std::vector<Segment> pending_ = std::vector<Segment>(kMaxPending);
   size_t pending_head_ = 0, pending_count_ = 0;
   std::unique_ptr<uint8_t[]> tx_buf_{new uint8_t[PacketBatch::kCapacity * kTxSlot]};
@@ -418,20 +490,34 @@ private:
 Result<std::unique_ptr<Port>> open_afpacket_port(const std::string& ifname) {
   unsigned index = if_nametoindex(ifname.c_str());
   if (index == 0) return fail_errno("interface " + ifname);
-  int raw = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, htons(ETH_P_ALL));
+  // Protocol 0: the socket receives nothing until bound, after its ring exists.
+  int raw = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (raw < 0) return fail_errno("socket(AF_PACKET)");
   UniqueFd fd(raw);
   int one = 1;
-  if (setsockopt(fd.get(), SOL_PACKET, PACKET_AUXDATA, &one, sizeof one) < 0)
-    return fail_errno("PACKET_AUXDATA");
   if (setsockopt(fd.get(), SOL_PACKET, PACKET_VNET_HDR, &one, sizeof one) < 0)
     return fail_errno("PACKET_VNET_HDR");
   // Our own transmissions must not come back to us as receptions.
   if (setsockopt(fd.get(), SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof one) < 0)
     return fail_errno("PACKET_IGNORE_OUTGOING");
   int bufsize = 4 << 20;
-  setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &bufsize, sizeof bufsize);
+  setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &bufsize, sizeof bufsize);  // frames too large for a slot
   setsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof bufsize);
+  int version = TPACKET_V2;
+  if (setsockopt(fd.get(), SOL_PACKET, PACKET_VERSION, &version, sizeof version) < 0)
+    return fail_errno("PACKET_VERSION");
+  // Frames larger than a slot go whole to the socket queue instead of being cut at the slot's end.
+  if (setsockopt(fd.get(), SOL_PACKET, PACKET_COPY_THRESH, &one, sizeof one) < 0)
+    return fail_errno("PACKET_COPY_THRESH");
+  tpacket_req req{};
+  req.tp_block_size = unsigned(AfPacketPort::kSlotSize * AfPacketPort::kSlotsPerBlock);
+  req.tp_block_nr = unsigned(AfPacketPort::kBlocks);
+  req.tp_frame_size = unsigned(AfPacketPort::kSlotSize);
+  req.tp_frame_nr = unsigned(AfPacketPort::kSlots);
+  if (setsockopt(fd.get(), SOL_PACKET, PACKET_RX_RING, &req, sizeof req) < 0)
+    return fail_errno("PACKET_RX_RING");
+  Mapping ring = TRY(Mapping::map_fd(fd.get(), AfPacketPort::kSlots * AfPacketPort::kSlotSize, 0,
+                                     PROT_READ | PROT_WRITE, MAP_SHARED));
   sockaddr_ll sll{};
   sll.sll_family = AF_PACKET;
   sll.sll_protocol = htons(ETH_P_ALL);
@@ -445,7 +531,11 @@ Result<std::unique_ptr<Port>> open_afpacket_port(const std::string& ifname) {
   // Transmissions skip the qdisc layer (veths and most uplinks have none worth going through).
   setsockopt(fd.get(), SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
   TRY(set_interface_up(ifname));
-  return std::unique_ptr<Port>(new AfPacketPort(std::move(fd), ifname));
+  // Binding to an interface that was still down left ENETDOWN pending on the socket: clear it.
+  int err = 0;
+  socklen_t errlen = sizeof err;
+  getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &errlen);
+  return std::unique_ptr<Port>(new AfPacketPort(std::move(fd), ifname, std::move(ring)));
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 #include "test_util.h"
 
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
 namespace keel::sw::test {
 
 namespace {
@@ -74,6 +78,59 @@ bool l4_checksum_ok(const std::vector<uint8_t>& f, size_t l3) {
   if (proto == 1) return fold(sum16(ip + ihl, l4len)) == 0;
   uint32_t s = sum16(ip + 12, 8) + proto + uint32_t(l4len);
   return fold(sum16(ip + ihl, l4len, s)) == 0;
+}
+
+namespace {
+const uint8_t kSuperDst[6] = {2, 0, 0, 0, 0, 2}, kSuperSrc[6] = {2, 0, 0, 0, 0, 1};
+}  // namespace
+
+// A TCP/IPv4 super-frame as a host with segmentation offload sends it: `payload` bytes behind the
+// headers (a VLAN tag when tci >= 0), the TCP checksum field holding the pseudo-header sum.
+std::vector<uint8_t> super_frame(size_t payload, uint32_t seq0, int tci) {
+  auto f = ipv4_frame(kSuperDst, kSuperSrc, 0x0a000001, 0x0a000002, 6, 1000, 2000, tci);
+  const size_t l3 = tci >= 0 ? 18 : 14, l4 = l3 + 20, hdr = l4 + 20;
+  f.resize(hdr + payload);
+  for (size_t i = 0; i < payload; ++i) f[hdr + i] = uint8_t(i * 7 + i / 251);
+  uint16_t total = uint16_t(f.size() - l3);
+  f[l3 + 2] = uint8_t(total >> 8);
+  f[l3 + 3] = uint8_t(total);
+  f[l3 + 10] = f[l3 + 11] = 0;
+  uint16_t ipsum = ipv4_header_checksum(&f[l3]);
+  f[l3 + 10] = uint8_t(ipsum >> 8);
+  f[l3 + 11] = uint8_t(ipsum);
+  f[l4 + 4] = uint8_t(seq0 >> 24), f[l4 + 5] = uint8_t(seq0 >> 16), f[l4 + 6] = uint8_t(seq0 >> 8),
+  f[l4 + 7] = uint8_t(seq0);
+  f[l4 + 13] = 0x18;  // PSH|ACK
+  uint32_t pseudo = 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + 6 + uint32_t(f.size() - l4);
+  while (pseudo >> 16) pseudo = (pseudo & 0xffff) + (pseudo >> 16);
+  f[l4 + 16] = uint8_t(pseudo >> 8);
+  f[l4 + 17] = uint8_t(pseudo);
+  return f;
+}
+
+// Checks segments of super_frame(payload, seq0, tci): valid checksums, lengths, sequence numbers,
+// PSH on the last only, the payload intact.
+void check_segments(const std::vector<std::vector<uint8_t>>& segs, const std::vector<uint8_t>& sent, size_t mss,
+                    uint32_t seq0, bool tagged) {
+  const size_t l3 = tagged ? 18 : 14, l4 = l3 + 20, hdr = l4 + 20;
+  size_t payload_len = sent.size() - hdr;
+  ASSERT_EQ(segs.size(), (payload_len + mss - 1) / mss);
+  std::vector<uint8_t> payload;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    const auto& s = segs[k];
+    ASSERT_GT(s.size(), hdr);
+    EXPECT_LE(s.size() - hdr, mss);
+    EXPECT_TRUE(std::equal(sent.begin(), sent.begin() + l3, s.begin())) << "MACs/tag of segment " << k;
+    EXPECT_EQ(size_t(s[l3 + 2] << 8 | s[l3 + 3]), s.size() - l3) << "IP length of segment " << k;
+    EXPECT_EQ(ipv4_header_checksum(&s[l3]), 0) << "IP checksum of segment " << k;
+    EXPECT_TRUE(l4_checksum_ok(s, l3)) << "TCP checksum of segment " << k;
+    uint32_t seq = uint32_t(s[l4 + 4]) << 24 | uint32_t(s[l4 + 5]) << 16 | uint32_t(s[l4 + 6]) << 8 | s[l4 + 7];
+    EXPECT_EQ(seq, seq0 + uint32_t(payload.size())) << "sequence number of segment " << k;
+    EXPECT_EQ(bool(s[l4 + 13] & 0x08), k + 1 == segs.size()) << "PSH only on the last segment";
+    payload.insert(payload.end(), s.begin() + hdr, s.end());
+  }
+  EXPECT_EQ(payload.size(), payload_len);
+  EXPECT_TRUE(std::equal(payload.begin(), payload.end(), sent.begin() + hdr, sent.end()));
 }
 
 }  // namespace keel::sw::test

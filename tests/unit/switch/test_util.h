@@ -31,4 +31,13 @@ std::vector<uint8_t> ipv4_frame(const uint8_t dst[6], const uint8_t src[6], uint
 uint16_t ipv4_header_checksum(const uint8_t* ip);
 bool l4_checksum_ok(const std::vector<uint8_t>& frame, size_t l3);
 
+// A TCP/IPv4 super-frame (02:00:00:00:00:01 -> :02, 10.0.0.1 -> 10.0.0.2) as a host with segmentation
+// offload sends it: `payload` bytes behind the headers (802.1Q-tagged when tci >= 0), the TCP
+// checksum field holding the pseudo-header sum.
+std::vector<uint8_t> super_frame(size_t payload, uint32_t seq0, int tci = -1);
+// Checks the segments of `sent` (a super_frame) as a NIC would have cut it at `mss`: checksums,
+// lengths, sequence numbers, PSH only on the last, the payload intact (gtest assertions).
+void check_segments(const std::vector<std::vector<uint8_t>>& segs, const std::vector<uint8_t>& sent, size_t mss,
+                    uint32_t seq0, bool tagged);
+
 }  // namespace keel::sw::test
