@@ -805,9 +805,9 @@ std::vector<Rule*> Bridge::select_rules(uint8_t table_id, const Match& match, bo
     if (strict) {
       if (ClsRule* r = cls->find_exact(match, priority)) consider(static_cast<Rule*>(r));
     } else {
-      cls->for_each([&](ClsRule* cr) {
-        if (cr->match.covered_by(match)) consider(static_cast<Rule*>(cr));
-      });
+      covered_scratch_.clear();
+      cls->collect_covered(match, covered_scratch_);
+      for (ClsRule* cr : covered_scratch_) consider(static_cast<Rule*>(cr));
     }
   }
   return out;
@@ -861,6 +861,7 @@ OfResult<void> Bridge::add_flow(const FlowMod& fm) {
     r->created = now;
     r->last_used = now;
     if (fm.flags & OFPFF_RESET_COUNTS) r->packets = r->bytes = 0;
+    track_timeouts(r);
     invalidate();
     return {};
   }
@@ -877,6 +878,7 @@ OfResult<void> Bridge::add_flow(const FlowMod& fm) {
   Rule* raw = rule.get();
   cls->insert(raw);
   rules_.emplace(raw, std::move(rule));
+  track_timeouts(raw);
   invalidate();
   return {};
 }
@@ -912,17 +914,25 @@ OfResult<void> Bridge::delete_flows(const FlowMod& fm, bool strict) {
 void Bridge::remove_rule(Rule* r, uint8_t reason) {
   if (r->flags & OFPFF_SEND_FLOW_REM) send_flow_removed(*r, reason);
   if (auto& cls = tables_[r->table_id]) cls->remove(r);
+  timed_rules_.erase(r);
   rules_.erase(r);
   invalidate();
 }
 
+void Bridge::track_timeouts(Rule* r) {
+  if (r->idle_timeout || r->hard_timeout)
+    timed_rules_.insert(r);
+  else
+    timed_rules_.erase(r);
+}
+
 void Bridge::expire_flows(Clock::time_point now) {
   std::vector<std::pair<Rule*, uint8_t>> expired;
-  for (auto& [raw, rule] : rules_) {
+  for (Rule* rule : timed_rules_) {
     if (rule->hard_timeout && now - rule->created >= std::chrono::seconds(rule->hard_timeout))
-      expired.emplace_back(raw, OFPRR_HARD_TIMEOUT);
+      expired.emplace_back(rule, OFPRR_HARD_TIMEOUT);
     else if (rule->idle_timeout && now - rule->last_used >= std::chrono::seconds(rule->idle_timeout))
-      expired.emplace_back(raw, OFPRR_IDLE_TIMEOUT);
+      expired.emplace_back(rule, OFPRR_IDLE_TIMEOUT);
   }
   for (auto& [r, reason] : expired) remove_rule(r, reason);
 }

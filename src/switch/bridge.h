@@ -20,6 +20,7 @@
 #include <span>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "base/event_loop.h"
@@ -236,6 +237,8 @@ private:
   OfResult<void> modify_flows(const FlowMod& fm, bool strict, uint8_t version);
   OfResult<void> delete_flows(const FlowMod& fm, bool strict);
   void remove_rule(Rule* rule, uint8_t reason);
+  // Keeps timed_rules_ in step with the rule's timeouts.
+  void track_timeouts(Rule* rule);
   OfResult<void> validate_instructions(const FlowMod& fm);
   std::vector<Rule*> select_rules(uint8_t table_id, const Match& match, bool strict, uint16_t priority,
                                   uint64_t cookie, uint64_t cookie_mask, uint32_t out_port, uint32_t out_group);
@@ -256,6 +259,9 @@ private:
   std::array<std::unique_ptr<Classifier>, kNumTables> tables_;
   std::array<FlowTableStats, kNumTables> table_stats_{};
   std::unordered_map<Rule*, std::unique_ptr<Rule>> rules_;
+  // Rules with an idle or hard timeout: the once-a-second expiry walks only these.
+  std::unordered_set<Rule*> timed_rules_;
+  std::vector<ClsRule*> covered_scratch_;  // select_rules' buffer, kept to avoid reallocating
   std::map<uint32_t, std::unique_ptr<Group>> groups_;
   MacTable mac_table_;
   std::vector<OfConnection*> connections_;

@@ -321,6 +321,81 @@ TEST_F(BridgeTest, IdleAndHardTimeouts) {
   EXPECT_EQ(bridge_->flow_count(), 0u);
 }
 
+// Flow table operations at the scale a controller programs them (10,000+ flows, one flow-mod each):
+// non-strict modify and delete select exactly the flows their match covers, strict ones exactly one,
+// and timeouts apply to the timed flows only.
+TEST_F(BridgeTest, FlowTableOperationsAtTenThousandFlows) {
+  auto tcp_flow = [&](uint32_t i, uint8_t command = OFPFC_ADD) {
+    FlowMod fm = flow(uint16_t(100 + i % 50), {output(1)}, command);
+    set(fm.match, Oxm::EthType, 0x0800);
+    set(fm.match, Oxm::IpProto, 6);
+    set(fm.match, Oxm::Ipv4Dst, 0xac100000 | i);
+    set(fm.match, Oxm::TcpDst, i % 1000 + 1);
+    return fm;
+  };
+  auto ip_flow = [&](uint32_t i, uint8_t command = OFPFC_ADD) {
+    FlowMod fm = flow(uint16_t(200 + i % 50), {output(2)}, command);
+    set(fm.match, Oxm::EthType, 0x0800);
+    set(fm.match, Oxm::Ipv4Dst, 0xac100000 | i);
+    return fm;
+  };
+  for (uint32_t i = 0; i < 6000; ++i) {
+    ASSERT_TRUE(bridge_->apply_flow_mod(tcp_flow(i)));
+    FlowMod ip = ip_flow(i);
+    if (i % 10 == 0) ip.hard_timeout = 30;  // 600 timed flows
+    ASSERT_TRUE(bridge_->apply_flow_mod(ip));
+  }
+  EXPECT_EQ(bridge_->flow_count(), 12000u);
+  // Re-adding identical flows replaces them.
+  for (uint32_t i = 0; i < 100; ++i) ASSERT_TRUE(bridge_->apply_flow_mod(tcp_flow(i)));
+  EXPECT_EQ(bridge_->flow_count(), 12000u);
+
+  // Non-strict delete of `ip,nw_dst=X` takes both the ip flow and the tcp flow to X (the wider match
+  // covers both); the priority of the request does not matter.
+  for (uint32_t i = 0; i < 1000; ++i) {
+    FlowMod del = ip_flow(i, OFPFC_DELETE);
+    del.table_id = OFPTT_ALL;
+    del.priority = 7;
+    ASSERT_TRUE(bridge_->apply_flow_mod(del));
+  }
+  EXPECT_EQ(bridge_->flow_count(), 10000u);
+  // Strict delete needs the exact priority: a wrong one deletes nothing.
+  FlowMod wrong = tcp_flow(1500, OFPFC_DELETE_STRICT);
+  wrong.priority = 99;
+  ASSERT_TRUE(bridge_->apply_flow_mod(wrong));
+  EXPECT_EQ(bridge_->flow_count(), 10000u);
+  for (uint32_t i = 1000; i < 2000; ++i) ASSERT_TRUE(bridge_->apply_flow_mod(tcp_flow(i, OFPFC_DELETE_STRICT)));
+  EXPECT_EQ(bridge_->flow_count(), 9000u);
+
+  // Non-strict modify of `ip,nw_dst=X` rewrites both flows to X, leaving the rest alone; a packet to
+  // X then follows the new actions.
+  for (uint32_t i = 2000; i < 3000; ++i) {
+    FlowMod mod = ip_flow(i, OFPFC_MODIFY);
+    mod.instructions.apply = {output(4)};
+    ASSERT_TRUE(bridge_->apply_flow_mod(mod));
+  }
+  EXPECT_EQ(bridge_->flow_count(), 9000u);
+  inject(0, test::ipv4_frame(kMacB, kMacA, 1, 0xac100000 | 2500, 6, 1234, 2500 % 1000 + 1));
+  EXPECT_EQ(sent(3), 1u);
+  EXPECT_EQ(sent(0) + sent(1) + sent(2), 0u);
+  clear_sent();
+  inject(0, test::ipv4_frame(kMacB, kMacA, 1, 0xac100000 | 3500, 6, 1234, 3500 % 1000 + 1));
+  EXPECT_EQ(sent(1), 1u);  // tcp flow 3500 (priority 100) loses to ip flow 3500 (priority 200): output 2
+  EXPECT_EQ(sent(3), 0u);
+  clear_sent();
+
+  // Hard timeouts: the 500 timed ip flows still there (i % 10 == 0 and i >= 1000) go, nothing else.
+  size_t before = bridge_->flow_count();
+  bridge_->expire_flows(Clock::now() + std::chrono::seconds(31));
+  EXPECT_EQ(bridge_->flow_count(), before - 500);
+
+  // Delete everything in one non-strict request.
+  FlowMod all = flow(0, {}, OFPFC_DELETE);
+  all.table_id = OFPTT_ALL;
+  ASSERT_TRUE(bridge_->apply_flow_mod(all));
+  EXPECT_EQ(bridge_->flow_count(), 0u);
+}
+
 TEST_F(BridgeTest, PolicingCapsRate) {
   add_normal();
   // 80 kbit/s, 8 kbit burst: 1000 bytes of burst; 60-byte frames -> 16 pass at once, then almost none.
