@@ -1237,6 +1237,17 @@ void Bridge::handle_message(OfConnection& c, std::span<const uint8_t> msg) {
   } else if (v == kOf13 && h.type == OFPT13_SET_ASYNC) {
     // Accepted; every asynchronous message goes to masters and equals.
   } else if (h.type == OFPT_EXPERIMENTER) {
+    ByteReader r(msg.subspan(kOfHeaderLen));
+    uint32_t vendor = r.u32(), subtype = r.u32();
+    if (v == kOf10 && r.ok() && vendor == kNxVendorId && subtype == NXT_SET_FLOW_FORMAT) {
+      // NXM flow format: flow stats come as NXST_FLOW with NXM matches (what cookie masks need).
+      uint32_t format = r.u32();
+      if (!r.ok()) return reply_error(of_error(OFPET_BAD_REQUEST, 6, "short set_flow_format"));
+      if (format != NXFF_OPENFLOW10 && format != NXFF_NXM)
+        return reply_error(of_error(OFPET_BAD_REQUEST, 5, "unsupported flow format"));
+      c.nxm_flow_format = format == NXFF_NXM;
+      return;
+    }
     reply_error(of_error(OFPET_BAD_REQUEST, 3, "experimenter messages are not supported"));
   } else if (v == kOf13 && h.type == OFPT13_METER_MOD) {
     reply_error(of_error(OFPET_METER_MOD_FAILED, 0, "meters are not supported"));
@@ -1250,7 +1261,11 @@ namespace {
 // Builds multipart replies, splitting into several messages (REPLY_MORE) when large.
 class MultipartReply {
 public:
-  MultipartReply(OfConnection& c, uint32_t xid, uint16_t type) : c_(c), xid_(xid), type_(type) { begin(); }
+  // `prefix` is repeated at the start of every message's body (a vendor stats header).
+  MultipartReply(OfConnection& c, uint32_t xid, uint16_t type, std::vector<uint8_t> prefix = {})
+      : c_(c), xid_(xid), type_(type), prefix_(std::move(prefix)) {
+    begin();
+  }
   ByteWriter writer() { return ByteWriter(cur_); }
   std::vector<uint8_t>& buffer() { return cur_; }
   // Call after each entry: starts a new message when this one is big enough.
@@ -1271,6 +1286,7 @@ private:
     w.u16(type_);
     w.u16(0);
     if (v != kOf10) w.u32(0);
+    w.bytes(prefix_.data(), prefix_.size());
   }
   void finish(bool more) {
     if (more) ByteWriter(cur_).patch_u16(10, kMultipartMore);
@@ -1280,6 +1296,7 @@ private:
   OfConnection& c_;
   uint32_t xid_;
   uint16_t type_;
+  std::vector<uint8_t> prefix_;
   std::vector<uint8_t> cur_;
 };
 
@@ -1472,7 +1489,7 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       break;
   }
   if (v == kOf10) {
-    if (type == OFPMP_EXPERIMENTER) return error(OFPET_BAD_REQUEST, 3, "vendor stats");
+    if (type == OFPMP_EXPERIMENTER) return handle_nx_stats(c, msg, r);
     return error(OFPET_BAD_REQUEST, 2, "unsupported stats type");
   }
   switch (type) {
@@ -1575,6 +1592,86 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
     default:
       return error(OFPET_BAD_REQUEST, 2, "unsupported multipart type");
   }
+}
+
+// Nicira vendor stats (OpenFlow 1.0): NXST_FLOW and NXST_AGGREGATE, flow stats with NXM matches. `r`
+// stands after the stats header's type and flags.
+void Bridge::handle_nx_stats(OfConnection& c, std::span<const uint8_t> msg, ByteReader r) {
+  OfHeader h = decode_header(msg.data());
+  auto error = [&](uint16_t t, uint16_t code, const char* what) {
+    c.send(make_error(kOf10, h.xid, of_error(t, code, what), msg));
+  };
+  uint32_t vendor = r.u32(), subtype = r.u32();
+  r.skip(4);
+  if (!r.ok()) return error(OFPET_BAD_REQUEST, 6, "short vendor stats request");
+  if (vendor != kNxVendorId) return error(OFPET_BAD_REQUEST, 3, "unknown vendor");
+  if (subtype != NXST_FLOW && subtype != NXST_AGGREGATE) return error(OFPET_BAD_REQUEST, 2, "unsupported subtype");
+  uint32_t out_port = port_from_of10(r.u16());
+  uint16_t match_len = r.u16();
+  uint8_t table_id = r.u8();
+  r.skip(3);
+  if (!r.ok() || !r.has(match_len)) return error(OFPET_BAD_REQUEST, 6, "short NXST request");
+  uint64_t cookie = 0, cookie_mask = 0;
+  auto match = decode_match_nxm(r.sub(match_len), &cookie, &cookie_mask);
+  if (!match) return c.send(make_error(kOf10, h.xid, match.error(), msg));
+  if (table_id != OFPTT_ALL && table_id >= kNumTables) return error(OFPET_BAD_REQUEST, 9, "bad table");
+  auto rules = select_rules(table_id, *match, false, 0, cookie, cookie_mask, out_port, OFPG_ANY);
+  std::sort(rules.begin(), rules.end(), [](const Rule* a, const Rule* b) {
+    if (a->table_id != b->table_id) return a->table_id < b->table_id;
+    return a->priority > b->priority;
+  });
+  std::vector<uint8_t> prefix;
+  ByteWriter pw(prefix);
+  pw.u32(kNxVendorId);
+  pw.u32(subtype);
+  pw.zeros(4);
+  MultipartReply rep(c, h.xid, OFPST10_VENDOR, std::move(prefix));
+  if (subtype == NXST_AGGREGATE) {
+    uint64_t packets = 0, bytes = 0;
+    for (Rule* rule : rules) {
+      packets += rule->packets;
+      bytes += rule->bytes;
+    }
+    ByteWriter w = rep.writer();
+    w.u64(packets);
+    w.u64(bytes);
+    w.u32(uint32_t(rules.size()));
+    w.u32(0);
+    rep.done();
+    return;
+  }
+  auto now = Clock::now();
+  // Ages as Open vSwitch sends them: seconds plus one (0 would mean unknown), capped.
+  auto age = [&](Clock::time_point since) {
+    auto s = std::chrono::duration_cast<std::chrono::seconds>(now - since).count();
+    return uint16_t(std::min<int64_t>(std::max<int64_t>(s, 0), 0xfffe) + 1);
+  };
+  for (Rule* rule : rules) {
+    auto& buf = rep.buffer();
+    size_t start = buf.size();
+    ByteWriter w = rep.writer();
+    w.u16(0);  // length, patched
+    w.u8(rule->table_id);
+    w.u8(0);
+    duration(w, rule->created);
+    w.u16(rule->priority);
+    w.u16(rule->idle_timeout);
+    w.u16(rule->hard_timeout);
+    size_t match_len_at = buf.size();
+    w.u16(0);  // match_len, patched
+    w.u16(age(rule->last_used));
+    w.u16(age(rule->created));
+    w.u64(rule->cookie);
+    w.u64(rule->packets);
+    w.u64(rule->bytes);
+    size_t len = encode_match_nxm(w, rule->match);
+    w.patch_u16(match_len_at, uint16_t(len));
+    w.pad_to(8, start);
+    encode_actions(kOf10, w, rule->instructions.apply);
+    w.patch_u16(start, uint16_t(buf.size() - start));
+    rep.entry_done();
+  }
+  rep.done();
 }
 
 }  // namespace keel::sw

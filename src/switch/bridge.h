@@ -247,6 +247,7 @@ private:
 
   // OpenFlow message handlers.
   void handle_multipart(OfConnection& conn, std::span<const uint8_t> msg);
+  void handle_nx_stats(OfConnection& conn, std::span<const uint8_t> msg, ByteReader body);
   void send_features(OfConnection& conn, uint32_t xid);
   void encode_port(uint8_t version, ByteWriter& w, const BridgePort& p);
   void broadcast_port_status(const BridgePort& p, uint8_t reason);

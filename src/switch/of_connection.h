@@ -37,6 +37,8 @@ public:
   // Passive (service) connections default to 0, controllers to 128, as in Open vSwitch.
   uint16_t miss_send_len = 0;
   uint16_t config_flags = 0;
+  // OpenFlow 1.0 peer chose Nicira's NXM flow format (NXT_SET_FLOW_FORMAT).
+  bool nxm_flow_format = false;
   void send(std::span<const uint8_t> msg);
   void send(const std::vector<uint8_t>& msg) { send(std::span<const uint8_t>(msg)); }
   // Feeds raw bytes as if read from the socket (fuzzing and tests).

@@ -51,6 +51,13 @@ constexpr uint8_t OFPT13_GET_ASYNC_REQUEST = 26;
 constexpr uint8_t OFPT13_GET_ASYNC_REPLY = 27;
 constexpr uint8_t OFPT13_SET_ASYNC = 28;
 constexpr uint8_t OFPT13_METER_MOD = 29;
+// Nicira vendor extensions that ovs-ofctl -O OpenFlow10 uses for what 1.0 cannot say (cookie masks).
+constexpr uint32_t kNxVendorId = 0x00002320;
+constexpr uint32_t NXT_SET_FLOW_FORMAT = 12;
+constexpr uint32_t NXFF_OPENFLOW10 = 0, NXFF_NXM = 2;
+constexpr uint32_t NXST_FLOW = 0, NXST_AGGREGATE = 1;
+constexpr uint16_t OFPST10_VENDOR = 0xffff;
+
 enum MultipartType : uint16_t {
   OFPMP_DESC = 0, OFPMP_FLOW = 1, OFPMP_AGGREGATE = 2, OFPMP_TABLE = 3, OFPMP_PORT_STATS = 4,
   OFPMP_QUEUE = 5, OFPMP_GROUP = 6, OFPMP_GROUP_DESC = 7, OFPMP_GROUP_FEATURES = 8, OFPMP_METER = 9,
@@ -141,6 +148,11 @@ OfResult<Match> decode_match_oxm(ByteReader& r);  // struct ofp_match incl. its 
 OfResult<std::vector<Action>> decode_actions(uint8_t version, ByteReader r, const Match* match);
 OfResult<Instructions> decode_instructions(ByteReader r, const Match& match);
 
+// Nicira Extended Match: `fields` is exactly the match's bytes (match_len, no padding). The cookie is a
+// field there; cookie/cookie_mask receive it (null: a cookie is an error).
+OfResult<Match> decode_match_nxm(ByteReader fields, uint64_t* cookie, uint64_t* cookie_mask);
+// Writes the NXM fields (no padding); returns match_len.
+size_t encode_match_nxm(ByteWriter& w, const Match& m);
 void encode_match_of10(ByteWriter& w, const Match& m);
 void encode_match_oxm(ByteWriter& w, const Match& m);  // struct ofp_match incl. padding
 void encode_actions(uint8_t version, ByteWriter& w, const std::vector<Action>& actions);

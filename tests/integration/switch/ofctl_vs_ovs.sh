@@ -92,8 +92,11 @@ for ver in OpenFlow13 OpenFlow10; do
   check add-flows $ver add-flows $T "$file"
   check dump-flows $ver dump-flows $T
   check dump-flows-filtered $ver dump-flows $T "tcp"
-  # (1.0 has no cookie masks; ovs-ofctl then needs Nicira extensions)
-  [[ $ver == OpenFlow13 ]] && check dump-flows-cookie $ver dump-flows $T "cookie=0x5/-1"
+  # 1.0 has no cookie masks: ovs-ofctl switches to Nicira's NXM flow format (NXT_SET_FLOW_FORMAT,
+  # then NXST_FLOW / NXST_AGGREGATE with the cookie as an NXM field).
+  check dump-flows-cookie $ver dump-flows $T "cookie=0x5/-1"
+  check dump-flows-cookie-masked $ver dump-flows $T "cookie=0x10/0xf0,ip"
+  check dump-aggregate-cookie $ver dump-aggregate $T "cookie=0x5/-1"
   check add-flow $ver add-flow $T "priority=65000,in_port=3,actions=output:1"
   check add-flow-replace $ver add-flow $T "priority=65000,in_port=3,actions=output:2"
   check mod-flows $ver mod-flows $T "tcp,actions=output:7"

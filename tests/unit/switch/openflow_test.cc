@@ -95,6 +95,81 @@ TEST(Of10Match, RoundTrip) {
   EXPECT_TRUE(*back == m);
 }
 
+Match nxm_round_trip(const Match& m) {
+  std::vector<uint8_t> out;
+  ByteWriter w(out);
+  size_t len = encode_match_nxm(w, m);
+  EXPECT_EQ(len, out.size());
+  auto back = decode_match_nxm(ByteReader(out), nullptr, nullptr);
+  EXPECT_TRUE(back) << (back ? "" : back.error().detail);
+  return back ? *back : Match{};
+}
+
+TEST(Nxm, RoundTripsEveryKindOfField) {
+  Match v6udp;
+  set(v6udp, Oxm::InPort, 3);
+  set_masked(v6udp, Oxm::EthDst, 0x010000000000, 0x010000000000);
+  set(v6udp, Oxm::EthType, 0x86dd);
+  set(v6udp, Oxm::VlanVid, 0x1000 | 42);
+  set(v6udp, Oxm::VlanPcp, 5);
+  set(v6udp, Oxm::IpProto, 17);
+  set(v6udp, Oxm::IpDscp, 10);
+  set(v6udp, Oxm::IpEcn, 1);
+  set(v6udp, Oxm::UdpDst, 53);
+  set_masked(v6udp, Oxm::Metadata, 0x12, 0xff);
+  uint8_t v6[16] = {0x20, 0x01, 0x0d, 0xb8}, v6m[16] = {0xff, 0xff, 0xff, 0xff};
+  v6udp.set_field(uint8_t(Oxm::Ipv6Src), v6, v6m);
+  v6udp.normalize();
+  EXPECT_EQ(nxm_round_trip(v6udp), v6udp);
+
+  Match tcp;
+  set(tcp, Oxm::EthType, 0x0800);
+  set(tcp, Oxm::IpProto, 6);
+  set_masked(tcp, Oxm::Ipv4Src, 0x0a000000, 0xffff0000);
+  set(tcp, Oxm::TcpDst, 22);
+  set(tcp, Oxm::VlanVid, 0);  // no 802.1Q header: the whole TCI zero on the NXM side
+  tcp.normalize();
+  EXPECT_EQ(nxm_round_trip(tcp), tcp);
+
+  Match arp;
+  set(arp, Oxm::EthType, 0x0806);
+  set(arp, Oxm::ArpOp, 1);
+  set(arp, Oxm::ArpSpa, 0x0a000001);
+  set(arp, Oxm::ArpSha, 0x020000000001);
+  arp.normalize();
+  EXPECT_EQ(nxm_round_trip(arp), arp);
+
+  Match icmp6;
+  set(icmp6, Oxm::EthType, 0x86dd);
+  set(icmp6, Oxm::IpProto, 58);
+  set(icmp6, Oxm::Icmpv6Type, 135);
+  icmp6.normalize();
+  EXPECT_EQ(nxm_round_trip(icmp6), icmp6);
+}
+
+TEST(Nxm, CookieAndErrors) {
+  // NXM_NX_COOKIE_W (class 1, field 30, masked, 16 bytes) then NXM_OF_ETH_TYPE.
+  std::vector<uint8_t> bytes = {0x00, 0x01, 0x3d, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x15, 0, 0, 0, 0, 0, 0, 0, 0xf0,
+                                0x00, 0x00, 0x06, 0x02, 0x08, 0x00};
+  uint64_t cookie = 0, mask = 0;
+  auto m = decode_match_nxm(ByteReader(bytes), &cookie, &mask);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(cookie, 0x10u);  // masked
+  EXPECT_EQ(mask, 0xf0u);
+  EXPECT_EQ(m->key.eth_type, be16(0x0800));
+  // Where a cookie is no match field, it is an error.
+  EXPECT_FALSE(decode_match_nxm(ByteReader(bytes), nullptr, nullptr));
+  // Truncated field, unknown field, missing prerequisite, duplicate.
+  std::vector<uint8_t> truncated = {0x00, 0x00, 0x06, 0x02, 0x08};
+  EXPECT_EQ(decode_match_nxm(ByteReader(truncated), nullptr, nullptr).error().code, 1);
+  std::vector<uint8_t> unknown = {0x00, 0x01, 0x7e, 0x01, 0x00};
+  EXPECT_EQ(decode_match_nxm(ByteReader(unknown), nullptr, nullptr).error().code, 6);
+  std::vector<uint8_t> no_prereq = {0x00, 0x00, 0x14, 0x02, 0x00, 0x16};  // TCP_DST without tcp
+  EXPECT_EQ(decode_match_nxm(ByteReader(no_prereq), nullptr, nullptr).error().code, 9);
+  std::vector<uint8_t> dup = {0x00, 0x00, 0x06, 0x02, 0x08, 0x00, 0x00, 0x00, 0x06, 0x02, 0x08, 0x00};
+  EXPECT_EQ(decode_match_nxm(ByteReader(dup), nullptr, nullptr).error().code, 10);
+}
+
 TEST(Actions, DecodeErrors) {
   auto decode13 = [](std::vector<uint8_t> b) { return decode_actions(kOf13, ByteReader(b), nullptr); };
   // Output to port 0.
