@@ -432,6 +432,12 @@ void Bridge::execute(const Decision& d, BridgePort* in, Frame& original, const F
       case DpOp::SetTtl:
         frame_set_ttl(*frame, uint8_t(a.u32));
         break;
+      case DpOp::Meter:
+        if (!a.meter->admit(frame->len, now_)) {
+          if (depth == 0) return;  // over the meter's rate: dropped
+          dead_at = depth;
+        }
+        break;
       case DpOp::CloneBegin: {
         if (depth >= 4 || scratch_used_ >= PacketBatch::kCapacity) {
           dead_at = ++depth;  // no room for a clone: skip this bucket rather than corrupt the packet
@@ -546,6 +552,10 @@ void Bridge::run_tables(Xlate& x, uint8_t first_table) {
     x.table = table;
     x.cookie = rule->cookie;
     const Instructions& ins = rule->instructions;
+    if (ins.meter) {
+      // Validated when the flow was added, and deleting a meter deletes its flows.
+      if (Meter* m = meters_.find(*ins.meter)) x.out->actions.push_back(DpAction{.op = DpOp::Meter, .meter = m});
+    }
     if (ins.has_apply) translate_actions(x, ins.apply, false);
     if (ins.clear_actions) x.action_set.clear();
     if (ins.has_write) write_action_set(x.action_set, ins.write);
@@ -815,6 +825,7 @@ std::vector<Rule*> Bridge::select_rules(uint8_t table_id, const Match& match, bo
 
 OfResult<void> Bridge::validate_instructions(const FlowMod& fm) {
   const Instructions& ins = fm.instructions;
+  if (ins.meter && !meters_.find(*ins.meter)) return of_fail(OFPET_METER_MOD_FAILED, 2, "unknown meter");
   if (ins.goto_table && *ins.goto_table <= fm.table_id)
     return of_fail(OFPET_BAD_INSTRUCTION, 2, "goto_table must go forward");
   for (const auto* acts : {&ins.apply, &ins.write})
@@ -974,6 +985,21 @@ void Bridge::send_flow_removed(const Rule& r, uint8_t reason) {
     finish_message(msg);
     c->send(msg);
   }
+}
+
+OfResult<void> Bridge::apply_meter_mod(const MeterMod& mm) {
+  auto r = meters_.apply(mm, Clock::now());
+  if (!r) return r;
+  if (mm.command == 2) {
+    // Deleting a meter deletes the flows that use it.
+    std::vector<Rule*> users;
+    for (auto& [raw, rule] : rules_)
+      if (rule->instructions.meter && (mm.meter_id == OFPM_ALL || *rule->instructions.meter == mm.meter_id))
+        users.push_back(raw);
+    for (Rule* rule : users) remove_rule(rule, OFPRR_DELETE);
+  }
+  invalidate();
+  return {};
 }
 
 OfResult<void> Bridge::apply_group_mod(const GroupMod& gm) {
@@ -1250,7 +1276,11 @@ void Bridge::handle_message(OfConnection& c, std::span<const uint8_t> msg) {
     }
     reply_error(of_error(OFPET_BAD_REQUEST, 3, "experimenter messages are not supported"));
   } else if (v == kOf13 && h.type == OFPT13_METER_MOD) {
-    reply_error(of_error(OFPET_METER_MOD_FAILED, 0, "meters are not supported"));
+    if (slave) return reply_error(of_error(OFPET_BAD_REQUEST, 10, "slave"));
+    auto mm = decode_meter_mod(msg);
+    if (!mm) return reply_error(mm.error());
+    auto r = apply_meter_mod(*mm);
+    if (!r) return reply_error(r.error());
   } else {
     reply_error(of_error(OFPET_BAD_REQUEST, 1, "unsupported message type"));
   }
@@ -1576,14 +1606,58 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
     }
     case OFPMP_METER:
     case OFPMP_METER_CONFIG: {
+      uint32_t id = r.u32();
+      if (!r.ok()) return error(OFPET_BAD_REQUEST, 6, "short meter request");
+      std::vector<const Meter*> selected;
+      if (id == OFPM_ALL) {
+        for (auto& [mid, m] : meters_.meters()) selected.push_back(m.get());
+      } else if (const Meter* m = meters_.find(id)) {
+        selected.push_back(m);
+      } else {
+        return error(OFPET_METER_MOD_FAILED, 3, "no such meter");
+      }
       MultipartReply rep(c, h.xid, type);
+      for (const Meter* m : selected) {
+        auto& buf = rep.buffer();
+        size_t start = buf.size();
+        ByteWriter w = rep.writer();
+        if (type == OFPMP_METER_CONFIG) {
+          w.u16(0);  // length, patched
+          w.u16(m->flags());
+          w.u32(m->id());
+          encode_meter_bands(w, m->bands());
+          w.patch_u16(start, uint16_t(buf.size() - start));
+        } else {
+          uint32_t flows = 0;
+          for (auto& [raw, rule] : rules_)
+            if (rule->instructions.meter == m->id()) ++flows;
+          w.u32(m->id());
+          w.u16(0);  // length, patched
+          w.zeros(6);
+          w.u32(flows);
+          w.u64(m->packets_in());
+          w.u64(m->bytes_in());
+          duration(w, m->created());
+          for (const auto& band : m->band_counters()) {
+            w.u64(band.packets);
+            w.u64(band.bytes);
+          }
+          w.patch_u16(start + 4, uint16_t(buf.size() - start));
+        }
+        rep.entry_done();
+      }
       rep.done();
       return;
     }
     case OFPMP_METER_FEATURES: {
       MultipartReply rep(c, h.xid, type);
       ByteWriter w = rep.writer();
-      w.zeros(16);
+      w.u32(MeterTable::kMaxMeters);
+      w.u32(1u << OFPMBT_DROP);  // band types
+      w.u32(OFPMF_KBPS | OFPMF_PKTPS | OFPMF_BURST | OFPMF_STATS);
+      w.u8(uint8_t(kMaxMeterBands));
+      w.u8(0);  // max colour
+      w.zeros(2);
       rep.done();
       return;
     }

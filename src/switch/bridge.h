@@ -26,6 +26,7 @@
 #include "base/event_loop.h"
 #include "base/result.h"
 #include "switch/classifier.h"
+#include "switch/meter.h"
 #include "switch/netflow.h"
 #include "switch/openflow.h"
 #include "switch/port.h"
@@ -167,6 +168,8 @@ public:
   // Direct flow programming (tests, the daemon's default flow). Returns the error an agent would send.
   OfResult<void> apply_flow_mod(const FlowMod& fm, uint8_t version = kOf13);
   OfResult<void> apply_group_mod(const GroupMod& gm);
+  OfResult<void> apply_meter_mod(const MeterMod& mm);
+  const MeterTable& meters() const { return meters_; }
   size_t flow_count() const;
   uint64_t generation() const { return generation_; }
   void expire_flows(Clock::time_point now);
@@ -178,7 +181,7 @@ public:
 
 private:
   enum class DpOp : uint8_t { Output, Normal, Flood, All, InPort, Controller, SetField, PushVlan, PopVlan,
-                              DecTtl, SetTtl, CloneBegin, CloneEnd };
+                              DecTtl, SetTtl, CloneBegin, CloneEnd, Meter };
   struct DpAction {
     DpOp op;
     uint8_t field = 0;
@@ -187,6 +190,7 @@ private:
     uint64_t u64 = 0;
     BridgePort* port = nullptr;
     uint8_t value[16] = {};
+    Meter* meter = nullptr;
   };
   struct Decision {
     std::vector<DpAction> actions;
@@ -264,6 +268,7 @@ private:
   std::unordered_set<Rule*> timed_rules_;
   std::vector<ClsRule*> covered_scratch_;  // select_rules' buffer, kept to avoid reallocating
   std::map<uint32_t, std::unique_ptr<Group>> groups_;
+  MeterTable meters_;
   MacTable mac_table_;
   std::vector<OfConnection*> connections_;
   uint64_t generation_ = 1;

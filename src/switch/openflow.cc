@@ -100,7 +100,8 @@ bool operator==(const Action& a, const Action& b) {
 bool operator==(const Instructions& a, const Instructions& b) {
   return a.has_apply == b.has_apply && a.apply == b.apply && a.clear_actions == b.clear_actions &&
          a.has_write == b.has_write && a.write == b.write && a.has_metadata == b.has_metadata &&
-         a.metadata == b.metadata && a.metadata_mask == b.metadata_mask && a.goto_table == b.goto_table;
+         a.metadata == b.metadata && a.metadata_mask == b.metadata_mask && a.goto_table == b.goto_table &&
+         a.meter == b.meter;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -927,7 +928,9 @@ OfResult<Instructions> decode_instructions(ByteReader r, const Match& match) {
         ins.clear_actions = true;
         break;
       case IT_METER:
-        return of_fail(OFPET_BAD_INSTRUCTION, BIC_UNSUP_INST, "meters are not supported");
+        if (len != 8) return of_fail(OFPET_BAD_INSTRUCTION, BIC_BAD_LEN, "meter length");
+        ins.meter = body.u32();
+        break;
       default:
         return of_fail(OFPET_BAD_INSTRUCTION, BIC_UNKNOWN_INST, "unknown instruction");
     }
@@ -937,6 +940,7 @@ OfResult<Instructions> decode_instructions(ByteReader r, const Match& match) {
 
 void encode_instructions(ByteWriter& w, const Instructions& ins) {
   // Pipeline order, which is also the order Open vSwitch reports them in.
+  if (ins.meter) { w.u16(IT_METER); w.u16(8); w.u32(*ins.meter); }
   if (ins.has_apply) {
     size_t start = w.size();
     w.u16(IT_APPLY_ACTIONS); w.u16(0); w.u32(0);
@@ -957,6 +961,57 @@ void encode_instructions(ByteWriter& w, const Instructions& ins) {
 }
 
 const std::vector<Action>& of10_actions(const Instructions& ins) { return ins.apply; }
+
+OfResult<MeterMod> decode_meter_mod(std::span<const uint8_t> msg) {
+  constexpr uint16_t BAD_BAND = 8, BAD_RATE = 6, BAD_FLAGS = 5, BAD_COMMAND = 4, OUT_OF_BANDS = 11;
+  ByteReader r(msg.subspan(kOfHeaderLen));
+  MeterMod mm;
+  mm.command = r.u16();
+  mm.flags = r.u16();
+  mm.meter_id = r.u32();
+  if (!r.ok()) return of_fail(OFPET_BAD_REQUEST, 6, "short meter_mod");
+  if (mm.command > 2) return of_fail(OFPET_METER_MOD_FAILED, BAD_COMMAND, "bad meter command");
+  if (mm.command == 2) return mm;  // delete: bands do not matter
+  if (mm.flags & ~uint16_t(OFPMF_KBPS | OFPMF_PKTPS | OFPMF_BURST | OFPMF_STATS) ||
+      bool(mm.flags & OFPMF_KBPS) == bool(mm.flags & OFPMF_PKTPS))
+    return of_fail(OFPET_METER_MOD_FAILED, BAD_FLAGS, "meter flags need exactly one of kbps, pktps");
+  while (r.remaining() > 0) {
+    if (!r.has(16)) return of_fail(OFPET_BAD_REQUEST, 6, "truncated meter band");
+    MeterBand b;
+    b.type = r.u16();
+    uint16_t len = r.u16();
+    if (len < 16 || !r.has(size_t(len) - 4)) return of_fail(OFPET_BAD_REQUEST, 6, "bad meter band length");
+    b.rate = r.u32();
+    b.burst_size = r.u32();
+    r.skip(size_t(len) - 12);
+    if (b.type != OFPMBT_DROP) return of_fail(OFPET_METER_MOD_FAILED, BAD_BAND, "only drop bands are supported");
+    if (b.rate == 0) return of_fail(OFPET_METER_MOD_FAILED, BAD_RATE, "meter band rate 0");
+    if (mm.bands.size() >= kMaxMeterBands) return of_fail(OFPET_METER_MOD_FAILED, OUT_OF_BANDS, "too many bands");
+    mm.bands.push_back(b);
+  }
+  return mm;
+}
+
+void encode_meter_bands(ByteWriter& w, const std::vector<MeterBand>& bands) {
+  for (const MeterBand& b : bands) {
+    w.u16(b.type);
+    w.u16(16);
+    w.u32(b.rate);
+    w.u32(b.burst_size);
+    w.zeros(4);
+  }
+}
+
+void encode_meter_mod(std::vector<uint8_t>& out, const MeterMod& mm, uint32_t xid) {
+  size_t start = out.size();
+  begin_message(out, kOf13, OFPT13_METER_MOD, xid);
+  ByteWriter w(out);
+  w.u16(mm.command);
+  w.u16(mm.flags);
+  w.u32(mm.meter_id);
+  encode_meter_bands(w, mm.bands);
+  finish_message(out, start);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Messages

@@ -139,6 +139,7 @@ struct Instructions {
   bool has_metadata = false;
   uint64_t metadata = 0, metadata_mask = 0;
   std::optional<uint8_t> goto_table;
+  std::optional<uint32_t> meter;  // OpenFlow 1.3 meter instruction: runs first
 };
 bool operator==(const Instructions& a, const Instructions& b);
 
@@ -177,6 +178,27 @@ struct FlowMod {
   Instructions instructions;
 };
 OfResult<FlowMod> decode_flow_mod(uint8_t version, std::span<const uint8_t> msg);
+
+// OpenFlow 1.3 meters. Only drop bands (what Open vSwitch's userspace datapath offers too).
+enum MeterFlags : uint16_t { OFPMF_KBPS = 1, OFPMF_PKTPS = 2, OFPMF_BURST = 4, OFPMF_STATS = 8 };
+constexpr uint16_t OFPMBT_DROP = 1;
+constexpr uint32_t OFPM_MAX = 0xffff0000;
+constexpr uint32_t OFPM_ALL = 0xffffffff;
+constexpr size_t kMaxMeterBands = 8;
+struct MeterBand {
+  uint16_t type = OFPMBT_DROP;
+  uint32_t rate = 0;        // kbit/s or packets/s (the meter's flags say which)
+  uint32_t burst_size = 0;  // kbits or packets
+};
+struct MeterMod {
+  uint16_t command = 0;  // 0 add, 1 modify, 2 delete
+  uint16_t flags = 0;
+  uint32_t meter_id = 0;
+  std::vector<MeterBand> bands;
+};
+OfResult<MeterMod> decode_meter_mod(std::span<const uint8_t> msg);
+void encode_meter_bands(ByteWriter& w, const std::vector<MeterBand>& bands);
+void encode_meter_mod(std::vector<uint8_t>& out, const MeterMod& mm, uint32_t xid);
 void encode_flow_mod(uint8_t version, std::vector<uint8_t>& out, const FlowMod& fm, uint32_t xid);
 
 enum GroupType : uint8_t { OFPGT_ALL = 0, OFPGT_SELECT = 1, OFPGT_INDIRECT = 2, OFPGT_FF = 3 };
