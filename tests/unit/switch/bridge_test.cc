@@ -408,6 +408,75 @@ TEST_F(BridgeTest, PolicingCapsRate) {
   EXPECT_GE(ports_[0]->counters.rx_dropped, 32u);
 }
 
+// A flow's meter drops what exceeds its band (here 10 packets of burst at 1 packet/s) before the flow's
+// actions run; the band counts the drops; deleting the meter deletes the flow.
+TEST_F(BridgeTest, MeterDropsOverItsBand) {
+  MeterMod bad;
+  bad.command = 0;
+  bad.meter_id = 0;
+  bad.flags = OFPMF_PKTPS;
+  bad.bands = {MeterBand{OFPMBT_DROP, 1, 0}};
+  EXPECT_EQ(bridge_->apply_meter_mod(bad).error().code, 2);  // meter 0 is invalid
+  FlowMod unknown = flow(10, {output(2)});
+  unknown.instructions.meter = 7;
+  EXPECT_EQ(bridge_->apply_flow_mod(unknown).error().type, OFPET_METER_MOD_FAILED);
+
+  MeterMod mm = bad;
+  mm.meter_id = 7;
+  mm.flags = OFPMF_PKTPS | OFPMF_BURST | OFPMF_STATS;
+  mm.bands = {MeterBand{OFPMBT_DROP, 1, 10}};
+  ASSERT_TRUE(bridge_->apply_meter_mod(mm));
+  EXPECT_EQ(bridge_->apply_meter_mod(mm).error().code, 1);  // exists
+  ASSERT_TRUE(bridge_->apply_flow_mod(unknown));
+  for (int i = 0; i < 50; ++i) ports_[0]->push_rx(test::ipv4_frame(kMacB, kMacA, 1, 2, 17, 1, 2));
+  bridge_->poll_ports_once();
+  bridge_->poll_ports_once();
+  EXPECT_EQ(sent(1), 10u);
+  const Meter* m = bridge_->meters().find(7);
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->packets_in(), 50u);
+  EXPECT_EQ(m->band_counters().at(0).packets, 40u);
+
+  // Modify: a kbps band far above the traffic lets everything through; counters stay.
+  mm.command = 1;
+  mm.flags = OFPMF_KBPS;
+  mm.bands = {MeterBand{OFPMBT_DROP, 1000000, 0}};
+  ASSERT_TRUE(bridge_->apply_meter_mod(mm));
+  clear_sent();
+  for (int i = 0; i < 20; ++i) ports_[0]->push_rx(test::ipv4_frame(kMacB, kMacA, 1, 2, 17, 1, 2));
+  bridge_->poll_ports_once();
+  EXPECT_EQ(sent(1), 20u);
+  EXPECT_EQ(m->packets_in(), 70u);
+
+  MeterMod del;
+  del.command = 2;
+  del.meter_id = OFPM_ALL;
+  ASSERT_TRUE(bridge_->apply_meter_mod(del));
+  EXPECT_EQ(bridge_->meters().find(7), nullptr);
+  EXPECT_EQ(bridge_->flow_count(), 0u);
+}
+
+TEST(MeterMod, DecodeRejectsWhatItCannotDo) {
+  auto decode = [](uint16_t flags, uint16_t band_type, uint32_t rate) {
+    MeterMod mm;
+    mm.meter_id = 1;
+    mm.flags = flags;
+    mm.bands = {MeterBand{band_type, rate, 0}};
+    std::vector<uint8_t> msg;
+    encode_meter_mod(msg, mm, 1);
+    return decode_meter_mod(msg);
+  };
+  EXPECT_TRUE(decode(OFPMF_KBPS, OFPMBT_DROP, 100));
+  EXPECT_EQ(decode(OFPMF_KBPS, 2, 100).error().code, 8);                   // dscp_remark: bad band
+  EXPECT_EQ(decode(OFPMF_KBPS, OFPMBT_DROP, 0).error().code, 6);           // rate 0
+  EXPECT_EQ(decode(OFPMF_KBPS | OFPMF_PKTPS, OFPMBT_DROP, 1).error().code, 5);  // both units
+  std::vector<uint8_t> truncated;
+  encode_meter_mod(truncated, MeterMod{0, OFPMF_KBPS, 1, {MeterBand{OFPMBT_DROP, 5, 0}}}, 1);
+  truncated.resize(truncated.size() - 4);
+  truncated[3] = uint8_t(truncated.size());
+  EXPECT_FALSE(decode_meter_mod(truncated));
+}
+
 TEST(MacTable, AgesAndLimits) {
   MacTable t;
   t.set_limits(2, std::chrono::seconds(10));
