@@ -1330,6 +1330,27 @@ private:
   std::vector<uint8_t> cur_;
 };
 
+// Flow statistics list tables in order, each table's flows by descending priority.
+void sort_for_dump(std::vector<Rule*>& rules) {
+  std::sort(rules.begin(), rules.end(), [](const Rule* a, const Rule* b) {
+    if (a->table_id != b->table_id) return a->table_id < b->table_id;
+    return a->priority > b->priority;
+  });
+}
+
+// An aggregate reply's body (the same in OpenFlow 1.0, 1.3 and NXST_AGGREGATE).
+void write_aggregate(ByteWriter w, const std::vector<Rule*>& rules) {
+  uint64_t packets = 0, bytes = 0;
+  for (const Rule* rule : rules) {
+    packets += rule->packets;
+    bytes += rule->bytes;
+  }
+  w.u64(packets);
+  w.u64(bytes);
+  w.u32(uint32_t(rules.size()));
+  w.u32(0);
+}
+
 void duration(ByteWriter& w, Clock::time_point since) {
   auto age = Clock::now() - since;
   auto sec = std::chrono::duration_cast<std::chrono::seconds>(age);
@@ -1392,22 +1413,10 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       if (!r.ok()) return error(OFPET_BAD_REQUEST, 6, "short flow stats request");
       if (table_id != OFPTT_ALL && table_id >= kNumTables) return error(OFPET_BAD_REQUEST, 9, "bad table");
       auto rules = select_rules(table_id, match, false, 0, cookie, cookie_mask, out_port, out_group);
-      std::sort(rules.begin(), rules.end(), [](const Rule* a, const Rule* b) {
-        if (a->table_id != b->table_id) return a->table_id < b->table_id;
-        return a->priority > b->priority;
-      });
+      sort_for_dump(rules);
       MultipartReply rep(c, h.xid, type);
       if (type == OFPMP_AGGREGATE) {
-        uint64_t packets = 0, bytes = 0;
-        for (Rule* rule : rules) {
-          packets += rule->packets;
-          bytes += rule->bytes;
-        }
-        ByteWriter w = rep.writer();
-        w.u64(packets);
-        w.u64(bytes);
-        w.u32(uint32_t(rules.size()));
-        w.u32(0);
+        write_aggregate(rep.writer(), rules);
         rep.done();
         return;
       }
@@ -1690,10 +1699,7 @@ void Bridge::handle_nx_stats(OfConnection& c, std::span<const uint8_t> msg, Byte
   if (!match) return c.send(make_error(kOf10, h.xid, match.error(), msg));
   if (table_id != OFPTT_ALL && table_id >= kNumTables) return error(OFPET_BAD_REQUEST, 9, "bad table");
   auto rules = select_rules(table_id, *match, false, 0, cookie, cookie_mask, out_port, OFPG_ANY);
-  std::sort(rules.begin(), rules.end(), [](const Rule* a, const Rule* b) {
-    if (a->table_id != b->table_id) return a->table_id < b->table_id;
-    return a->priority > b->priority;
-  });
+  sort_for_dump(rules);
   std::vector<uint8_t> prefix;
   ByteWriter pw(prefix);
   pw.u32(kNxVendorId);
@@ -1701,16 +1707,7 @@ void Bridge::handle_nx_stats(OfConnection& c, std::span<const uint8_t> msg, Byte
   pw.zeros(4);
   MultipartReply rep(c, h.xid, OFPST10_VENDOR, std::move(prefix));
   if (subtype == NXST_AGGREGATE) {
-    uint64_t packets = 0, bytes = 0;
-    for (Rule* rule : rules) {
-      packets += rule->packets;
-      bytes += rule->bytes;
-    }
-    ByteWriter w = rep.writer();
-    w.u64(packets);
-    w.u64(bytes);
-    w.u32(uint32_t(rules.size()));
-    w.u32(0);
+    write_aggregate(rep.writer(), rules);
     rep.done();
     return;
   }

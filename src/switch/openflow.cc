@@ -253,12 +253,20 @@ void encode_match_of10(ByteWriter& w, const Match& m) {
 
 namespace {
 
+// The parts of an OXM (or NXM) TLV header.
+struct TlvHeader {
+  uint16_t cls;
+  uint8_t field;
+  bool hasmask;
+  uint8_t len;  // of the body
+};
+TlvHeader split_tlv_header(uint32_t header) {
+  return {uint16_t(header >> 16), uint8_t((header >> 9) & 0x7f), bool(header & 0x100), uint8_t(header & 0xff)};
+}
+
 // One OXM TLV (header already read) into the match. `seen` tracks duplicate fields.
 OfResult<void> apply_oxm(Match& m, uint32_t header, ByteReader& r, uint64_t& seen) {
-  uint16_t cls = uint16_t(header >> 16);
-  uint8_t field = uint8_t((header >> 9) & 0x7f);
-  bool hasmask = header & 0x100;
-  uint8_t len = uint8_t(header & 0xff);
+  auto [cls, field, hasmask, len] = split_tlv_header(header);
   if (!r.has(len)) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "OXM runs past the match");
   auto body = r.span(len);
   if (cls != kOxmClassBasic) return of_fail(OFPET_BAD_MATCH, BMC_BAD_FIELD, "unsupported OXM class");
@@ -419,10 +427,7 @@ OfResult<Match> decode_match_nxm(ByteReader fields, uint64_t* cookie, uint64_t* 
   while (fields.remaining() > 0) {
     if (!fields.has(4)) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "truncated NXM header");
     uint32_t header = fields.u32();
-    uint16_t cls = uint16_t(header >> 16);
-    uint8_t field = uint8_t((header >> 9) & 0x7f);
-    bool hasmask = header & 0x100;
-    uint8_t len = uint8_t(header & 0xff);
+    auto [cls, field, hasmask, len] = split_tlv_header(header);
     if (!fields.has(len)) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "NXM field runs past the match");
     auto body = fields.span(len);
     if (cls == kOxmClassBasic) {  // OXM fields are allowed in NXM (metadata, SCTP ports, ...)
