@@ -470,10 +470,12 @@ TEST(MeterMod, DecodeRejectsWhatItCannotDo) {
   EXPECT_EQ(decode(OFPMF_KBPS, 2, 100).error().code, 8);                   // dscp_remark: bad band
   EXPECT_EQ(decode(OFPMF_KBPS, OFPMBT_DROP, 0).error().code, 6);           // rate 0
   EXPECT_EQ(decode(OFPMF_KBPS | OFPMF_PKTPS, OFPMBT_DROP, 1).error().code, 5);  // both units
-  std::vector<uint8_t> truncated;
-  encode_meter_mod(truncated, MeterMod{0, OFPMF_KBPS, 1, {MeterBand{OFPMBT_DROP, 5, 0}}}, 1);
-  truncated.resize(truncated.size() - 4);
-  truncated[3] = uint8_t(truncated.size());
+  // A band cut short: the message (and its length field) ends 4 bytes into the band.
+  std::vector<uint8_t> full;
+  encode_meter_mod(full, MeterMod{0, OFPMF_KBPS, 1, {MeterBand{OFPMBT_DROP, 5, 0}}}, 1);
+  ASSERT_EQ(full.size(), 32u);
+  std::vector<uint8_t> truncated(full.begin(), full.begin() + 20);
+  truncated[3] = 20;
   EXPECT_FALSE(decode_meter_mod(truncated));
 }
 
