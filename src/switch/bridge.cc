@@ -1274,6 +1274,14 @@ void Bridge::handle_message(OfConnection& c, std::span<const uint8_t> msg) {
       c.nxm_flow_format = format == NXFF_NXM;
       return;
     }
+    if (v == kOf10 && r.ok() && vendor == kNxVendorId && subtype == NXT_FLOW_MOD) {
+      if (slave) return reply_error(of_error(OFPET_BAD_REQUEST, 10, "slave"));
+      auto fm = decode_nx_flow_mod(msg);
+      if (!fm) return reply_error(fm.error());
+      auto applied = apply_flow_mod(*fm, v);
+      if (!applied) return reply_error(applied.error());
+      return;
+    }
     reply_error(of_error(OFPET_BAD_REQUEST, 3, "experimenter messages are not supported"));
   } else if (v == kOf13 && h.type == OFPT13_METER_MOD) {
     if (slave) return reply_error(of_error(OFPET_BAD_REQUEST, 10, "slave"));

@@ -54,6 +54,7 @@ constexpr uint8_t OFPT13_METER_MOD = 29;
 // Nicira vendor extensions that ovs-ofctl -O OpenFlow10 uses for what 1.0 cannot say (cookie masks).
 constexpr uint32_t kNxVendorId = 0x00002320;
 constexpr uint32_t NXT_SET_FLOW_FORMAT = 12;
+constexpr uint32_t NXT_FLOW_MOD = 13;
 constexpr uint32_t NXFF_OPENFLOW10 = 0, NXFF_NXM = 2;
 constexpr uint32_t NXST_FLOW = 0, NXST_AGGREGATE = 1;
 constexpr uint16_t OFPST10_VENDOR = 0xffff;
@@ -178,6 +179,8 @@ struct FlowMod {
   Instructions instructions;
 };
 OfResult<FlowMod> decode_flow_mod(uint8_t version, std::span<const uint8_t> msg);
+// Nicira's NXT_FLOW_MOD (OpenFlow 1.0 with an NXM match; the whole vendor message).
+OfResult<FlowMod> decode_nx_flow_mod(std::span<const uint8_t> msg);
 
 // OpenFlow 1.3 meters. Only drop bands (what Open vSwitch's userspace datapath offers too).
 enum MeterFlags : uint16_t { OFPMF_KBPS = 1, OFPMF_PKTPS = 2, OFPMF_BURST = 4, OFPMF_STATS = 8 };

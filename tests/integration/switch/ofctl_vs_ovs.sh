@@ -114,6 +114,13 @@ for ver in OpenFlow13 OpenFlow10; do
   check dump-flows-cookie $ver dump-flows $T "cookie=0x5/-1"
   check dump-flows-cookie-masked $ver dump-flows $T "cookie=0x10/0xf0,ip"
   check dump-aggregate-cookie $ver dump-aggregate $T "cookie=0x5/-1"
+  # Flow-mods 1.0 cannot express go as NXT_FLOW_MOD with an NXM match (IPv6, ARP hardware addresses,
+  # cookie masks in modify/delete).
+  check add-flow-ipv6 $ver add-flow $T "priority=9,ipv6,ipv6_src=2001:db8::/32,actions=output:2"
+  check add-flow-arp-sha $ver add-flow $T "priority=10,arp,arp_sha=02:00:00:00:00:01,actions=drop"
+  check mod-flows-cookie $ver mod-flows $T "cookie=0x5/-1,actions=output:4"
+  check del-flows-cookie $ver del-flows $T "cookie=0x15/0xff"
+  check dump-flows-after-cookie-mods $ver dump-flows $T
   check add-flow $ver add-flow $T "priority=65000,in_port=3,actions=output:1"
   check add-flow-replace $ver add-flow $T "priority=65000,in_port=3,actions=output:2"
   check mod-flows $ver mod-flows $T "tcp,actions=output:7"

@@ -166,6 +166,56 @@ TEST(Nxm, CookieAndErrors) {
   EXPECT_EQ(decode_match_nxm(ByteReader(dup), nullptr, nullptr).error().code, 10);
 }
 
+// NXT_FLOW_MOD: an OpenFlow 1.0 flow-mod with an NXM match; adds take the message's cookie, modify and
+// delete select by the match's cookie field and act on every table.
+TEST(Nxm, FlowMod) {
+  auto message = [](uint16_t command, std::vector<uint8_t> match) {
+    std::vector<uint8_t> msg;
+    begin_message(msg, kOf10, OFPT_EXPERIMENTER, 1);
+    ByteWriter w(msg);
+    w.u32(kNxVendorId);
+    w.u32(NXT_FLOW_MOD);
+    w.u64(0x77);  // cookie
+    w.u16(command);
+    w.u16(0); w.u16(0); w.u16(9);  // idle, hard, priority
+    w.u32(0xffffffff);
+    w.u16(0xffff);  // out_port: none
+    w.u16(0);
+    w.u16(uint16_t(match.size()));
+    w.zeros(6);
+    w.bytes(match.data(), match.size());
+    w.pad_to(8, kOfHeaderLen);
+    w.u16(0); w.u16(8); w.u16(2); w.u16(0);  // output:2
+    finish_message(msg);
+    return msg;
+  };
+  // ETH_TYPE=0x86dd, NX_IPV6_SRC/W 2001:db8::/32.
+  std::vector<uint8_t> v6 = {0x00, 0x00, 0x06, 0x02, 0x86, 0xdd, 0x00, 0x01, 0x27, 0x20, 0x20, 0x01, 0x0d, 0xb8};
+  v6.resize(v6.size() + 12);
+  std::vector<uint8_t> v6_mask = {0xff, 0xff, 0xff, 0xff};
+  v6_mask.resize(16);
+  v6.insert(v6.end(), v6_mask.begin(), v6_mask.end());
+  auto add = decode_nx_flow_mod(message(OFPFC_ADD, v6));
+  ASSERT_TRUE(add) << add.error().detail;
+  EXPECT_EQ(add->cookie, 0x77u);
+  EXPECT_EQ(add->table_id, 0);
+  EXPECT_EQ(add->priority, 9);
+  EXPECT_EQ(add->match.key.eth_type, be16(0x86dd));
+  ASSERT_EQ(add->instructions.apply.size(), 1u);
+  EXPECT_EQ(add->instructions.apply[0].arg, 2u);
+  // NXM_NX_COOKIE (exact) selects in a delete; in an add it is an error.
+  std::vector<uint8_t> cookie = {0x00, 0x01, 0x3c, 0x08, 0, 0, 0, 0, 0, 0, 0, 0x05};
+  auto del = decode_nx_flow_mod(message(OFPFC_DELETE, cookie));
+  ASSERT_TRUE(del);
+  EXPECT_EQ(del->cookie, 5u);
+  EXPECT_EQ(del->cookie_mask, ~0ull);
+  EXPECT_EQ(del->table_id, OFPTT_ALL);
+  EXPECT_FALSE(decode_nx_flow_mod(message(OFPFC_ADD, cookie)));
+  auto short_msg = message(OFPFC_ADD, {});
+  short_msg.resize(30);
+  EXPECT_FALSE(decode_nx_flow_mod(short_msg));
+}
+
 TEST(Actions, DecodeErrors) {
   auto decode13 = [](std::vector<uint8_t> b) { return decode_actions(kOf13, ByteReader(b), nullptr); };
   // Output to port 0.
