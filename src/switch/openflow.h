@@ -55,6 +55,7 @@ constexpr uint8_t OFPT13_METER_MOD = 29;
 constexpr uint32_t kNxVendorId = 0x00002320;
 constexpr uint32_t NXT_SET_FLOW_FORMAT = 12;
 constexpr uint32_t NXT_FLOW_MOD = 13;
+constexpr uint32_t NXT_FLOW_REMOVED = 14;
 constexpr uint32_t NXFF_OPENFLOW10 = 0, NXFF_NXM = 2;
 constexpr uint32_t NXST_FLOW = 0, NXST_AGGREGATE = 1;
 constexpr uint16_t OFPST10_VENDOR = 0xffff;

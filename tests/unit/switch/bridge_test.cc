@@ -303,6 +303,39 @@ TEST_F(BridgeTest, PacketInAndErrorsOverAConnection) {
   EXPECT_TRUE(std::equal(frame.begin(), frame.end(), out.end() - long(frame.size())));
 }
 
+// A 1.0 peer that chose the NXM flow format gets FLOW_REMOVED as NXT_FLOW_REMOVED with an NXM match.
+TEST_F(BridgeTest, FlowRemovedInNxmFormat) {
+  std::vector<uint8_t> out;
+  OfConnection conn(*bridge_, UniqueFd(), "test", nullptr);
+  conn.capture = &out;
+  ASSERT_TRUE(conn.start());
+  conn.feed(std::vector<uint8_t>{1, 0, 0, 8, 0, 0, 0, 1});
+  ASSERT_EQ(conn.version(), kOf10);
+  // NXT_SET_FLOW_FORMAT(NXM): no reply.
+  out.clear();
+  conn.feed(std::vector<uint8_t>{1, 4, 0, 20, 0, 0, 0, 2, 0, 0, 0x23, 0x20, 0, 0, 0, 12, 0, 0, 0, 2});
+  EXPECT_TRUE(out.empty());
+  EXPECT_TRUE(conn.nxm_flow_format);
+  FlowMod fm = flow(3, {output(2)});
+  set(fm.match, Oxm::EthType, 0x86dd);
+  fm.flags = OFPFF_SEND_FLOW_REM;
+  fm.cookie = 0x99;
+  fm.hard_timeout = 1;
+  ASSERT_TRUE(bridge_->apply_flow_mod(fm, kOf10));
+  bridge_->expire_flows(Clock::now() + std::chrono::seconds(2));
+  // Nicira header (16), then cookie, priority, reason, table, durations, idle, match_len, counters (40),
+  // then NXM_OF_ETH_TYPE (6 bytes) padded to 8.
+  ASSERT_EQ(out.size(), 16u + 40u + 8u);
+  EXPECT_EQ(out[1], OFPT_EXPERIMENTER);
+  EXPECT_EQ(out[15], NXT_FLOW_REMOVED);
+  EXPECT_EQ(out[23], 0x99);        // cookie
+  EXPECT_EQ(out[26], 1);           // reason: hard timeout
+  EXPECT_EQ(out[39], 6);           // match_len
+  EXPECT_EQ(out[59], 2);           // NXM_OF_ETH_TYPE header (00 00 06 02), then its value
+  EXPECT_EQ(out[60], 0x86);
+  EXPECT_EQ(out[61], 0xdd);
+}
+
 TEST_F(BridgeTest, IdleAndHardTimeouts) {
   FlowMod idle = flow(1, {output(2)});
   idle.idle_timeout = 5;
