@@ -957,19 +957,23 @@ void Bridge::send_flow_removed(const Rule& r, uint8_t reason) {
     std::vector<uint8_t> msg;
     begin_message(msg, c->version(), OFPT_FLOW_REMOVED, 0);
     ByteWriter w(msg);
+    // The fields every format shares, in the same order: cookie .. idle_timeout.
+    auto common = [&](uint8_t table_id) {
+      w.u64(r.cookie);
+      w.u16(r.priority);
+      w.u8(reason);
+      w.u8(table_id);
+      w.u32(uint32_t(sec.count()));
+      w.u32(uint32_t(nsec.count()));
+      w.u16(r.idle_timeout);
+    };
     if (c->version() == kOf10 && c->nxm_flow_format) {
       // The peer chose NXM: NXT_FLOW_REMOVED carries matches 1.0 cannot (IPv6, ARP hardware fields).
       msg.clear();
       begin_message(msg, kOf10, OFPT_EXPERIMENTER, 0);
       w.u32(kNxVendorId);
       w.u32(NXT_FLOW_REMOVED);
-      w.u64(r.cookie);
-      w.u16(r.priority);
-      w.u8(reason);
-      w.u8(r.table_id);
-      w.u32(uint32_t(sec.count()));
-      w.u32(uint32_t(nsec.count()));
-      w.u16(r.idle_timeout);
+      common(r.table_id);
       size_t match_len_at = msg.size();
       w.u16(0);  // match_len, patched
       w.u64(r.packets);
@@ -979,24 +983,12 @@ void Bridge::send_flow_removed(const Rule& r, uint8_t reason) {
       w.pad_to(8, match_start);
     } else if (c->version() == kOf10) {
       encode_match_of10(w, r.match);
-      w.u64(r.cookie);
-      w.u16(r.priority);
-      w.u8(reason);
-      w.u8(0);
-      w.u32(uint32_t(sec.count()));
-      w.u32(uint32_t(nsec.count()));
-      w.u16(r.idle_timeout);
+      common(0);
       w.u16(0);
       w.u64(r.packets);
       w.u64(r.bytes);
     } else {
-      w.u64(r.cookie);
-      w.u16(r.priority);
-      w.u8(reason);
-      w.u8(r.table_id);
-      w.u32(uint32_t(sec.count()));
-      w.u32(uint32_t(nsec.count()));
-      w.u16(r.idle_timeout);
+      common(r.table_id);
       w.u16(r.hard_timeout);
       w.u64(r.packets);
       w.u64(r.bytes);
