@@ -114,10 +114,17 @@ void OfConnection::flush_output() {
   }
 }
 
+namespace {
+std::chrono::steady_clock::time_point g_last_input;
+}  // namespace
+
+std::chrono::steady_clock::time_point last_openflow_input() { return g_last_input; }
+
 void OfConnection::on_events(uint32_t events) {
   if (events & EPOLLOUT) flush_output();
   if (closed_) return;
   if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
+  g_last_input = std::chrono::steady_clock::now();
   uint8_t buf[64 * 1024];
   std::optional<std::chrono::steady_clock::time_point> spin_until;
   for (;;) {

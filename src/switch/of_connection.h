@@ -20,6 +20,10 @@ class Bridge;
 
 enum class OfRole : uint32_t { NoChange = 0, Equal = 1, Master = 2, Slave = 3 };
 
+// When any OpenFlow connection of this process last received bytes. The daemon's main loop polls
+// rather than sleeps for a short while after it (see keel_switch_main.cc).
+std::chrono::steady_clock::time_point last_openflow_input();
+
 class OfConnection {
 public:
   // on_closed runs (on the loop) after the connection has detached itself; the owner destroys it then.
