@@ -2,8 +2,8 @@
 # keel-switch vs Open vSwitch (userspace netdev datapath), same topology, same run, alternating:
 #   host A (netns) --veth--> switch (netns) --veth--> host B (netns), offloads off on every veth.
 # Measures 64-byte packets per second (A -> B, AF_PACKET sendmmsg generator), TCP throughput (iperf3
-# A -> B), each with NORMAL only and with 10,000 installed flows, and the flow-mod rate of
-# `ovs-ofctl add-flows` with 10,000 flows. Prints medians and keel/OVS ratios.
+# A -> B), each with NORMAL only and with 10,000 installed flows, and the flow-mod rates of
+# `ovs-ofctl add-flows`, `mod-flows` and `del-flows` with 10,000 flows. Prints medians and keel/OVS ratios.
 # Then a second scenario, offloads on (the veths' defaults: checksum and segmentation offload, so
 # hosts send 64 KB TCP super-frames), TCP with NORMAL, OVS restarted with userspace-tso-enable=true.
 # Usage: bench/switch/run.sh [BUILD_DIR] [ROUNDS]   (root; builds nothing)
@@ -92,8 +92,12 @@ measure() {  # scenario
   done
 }
 
+# ONLY=flowmod skips the traffic figures (TCP, pps, vhost-user) while iterating on the control plane.
+only=${ONLY:-all}
+if [[ $only != flowmod ]]; then
 echo "== NORMAL ($rounds rounds, TCP ${tcp_seconds}s, pps ${pps_seconds}s)"
 measure normal
+fi
 
 # 10,000 flows that the test traffic does not hit, in a few different shapes (so several subtables),
 # above the priority-0 NORMAL flow that carries the traffic.
@@ -108,27 +112,57 @@ for i in $(seq 0 9999); do
   esac
 done >>"$flows"
 
-echo "== flow-mod rate (ovs-ofctl -O OpenFlow13 add-flows, 10,000 flows)"
-declare -A FM
-for kind in keel ovs; do
-  rates=""
-  for r in $(seq "$rounds"); do
+# The same 10,000 matches again: mod-flows rewrites their actions, del-flows (no priority: non-strict
+# commands ignore it) removes them, one flow-mod per line as ovs-ofctl sends them (each with a barrier).
+sed 's/actions=.*/actions=drop/' "$flows" >"$KSW_TMP/mod10k.txt"
+sed -e 's/^priority=[0-9]*,//' -e 's/,actions=.*//' "$flows" >"$KSW_TMP/del10k.txt"
+
+echo "== flow-mod rate (ovs-ofctl -O OpenFlow13 add-flows / mod-flows / del-flows, 10,000 flows)"
+declare -A FM FMR
+flow_count() {  # kind
+  ip netns exec "${SW[$1]}" ovs-ofctl -O OpenFlow13 dump-aggregate tcp:127.0.0.1:6653 | grep -o 'flow_count=[0-9]*' | cut -d= -f2
+}
+timed_rate() {  # kind ovs-ofctl-args... : flow-mods per second of 10,000 lines
+  local kind=$1 t0 t1
+  shift
+  t0=$(date +%s.%N)
+  ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 "$@"
+  t1=$(date +%s.%N)
+  python3 -c "print(int(10000/($t1-$t0)))"
+}
+for kind in keel ovs; do for op in add mod del; do FMR[$kind,$op]=""; done; done
+for r in $(seq "$rounds"); do
+  for kind in keel ovs; do
     ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 del-flows tcp:127.0.0.1:6653
     ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 add-flow tcp:127.0.0.1:6653 "priority=0,actions=NORMAL"
-    t0=$(date +%s.%N)
-    ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 add-flows tcp:127.0.0.1:6653 "$flows"
-    t1=$(date +%s.%N)
-    n=$(ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 dump-aggregate tcp:127.0.0.1:6653 | grep -o 'flow_count=[0-9]*' | cut -d= -f2)
+    FMR[$kind,add]+="$(timed_rate $kind add-flows tcp:127.0.0.1:6653 "$flows") "
+    n=$(flow_count $kind)
     [[ $n == 10001 ]] || { echo "$kind: expected 10001 flows, have $n"; exit 1; }
-    rates+="$(python3 -c "print(int(10000/($t1-$t0)))") "
+    FMR[$kind,mod]+="$(timed_rate $kind mod-flows tcp:127.0.0.1:6653 - <"$KSW_TMP/mod10k.txt") "
+    n=$(ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 dump-flows tcp:127.0.0.1:6653 | grep -c 'actions=drop')
+    [[ $n == 10000 ]] || { echo "$kind: expected 10000 modified flows, have $n"; exit 1; }
+    FMR[$kind,del]+="$(timed_rate $kind del-flows tcp:127.0.0.1:6653 - <"$KSW_TMP/del10k.txt") "
+    n=$(flow_count $kind)
+    [[ $n == 1 ]] || { echo "$kind: expected 1 flow after del-flows, have $n"; exit 1; }
   done
-  FM[$kind]=$(tr ' ' '\n' <<<"$rates" | grep . | median)
-  echo "  $kind: flows/s [$rates]"
+done
+for kind in keel ovs; do
+  for op in add mod del; do
+    FM[$kind,$op]=$(tr ' ' '\n' <<<"${FMR[$kind,$op]}" | grep . | median)
+  done
+  echo "  $kind: flows/s add [${FMR[$kind,add]}] mod [${FMR[$kind,mod]}] del [${FMR[$kind,del]}]"
 done
 
+if [[ $only != flowmod ]]; then
+for kind in keel ovs; do
+  ip netns exec "${SW[$kind]}" ovs-ofctl -O OpenFlow13 add-flows tcp:127.0.0.1:6653 "$flows"
+done
 echo "== 10,000 flows installed"
 measure flows10k
+fi
 
+OVS_TSO="offloads-on scenario skipped"
+if [[ $only != flowmod ]]; then
 echo "== offloads on (veth defaults: tx, tso, gso on), NORMAL"
 for kind in keel ovs; do
   for ns in "${A[$kind]}" "${B[$kind]}"; do
@@ -159,26 +193,36 @@ for kind in keel ovs; do
   RESULT[offloads,tcp,$kind]=$(tr ' ' '\n' <<<"${tcpo[$kind]}" | grep . | median)
   echo "  offloads $kind: tcp Gb/s [${tcpo[$kind]}]"
 done
+fi
 
 ratio() { python3 -c "print('%.2fx' % ($1/$2) if float($2) > 0 else 'n/a')"; }
 echo
 echo "offloads off unless said ($OVS_TSO)"
 printf '%-28s %14s %14s %8s\n' "metric" "keel-switch" "OVS netdev" "ratio"
-for scenario in normal flows10k; do
+scenarios=(normal flows10k)
+[[ $only == flowmod ]] && scenarios=()
+for scenario in "${scenarios[@]}"; do
   printf '%-28s %14s %14s %8s\n' "TCP Gb/s ($scenario)" "${RESULT[$scenario,tcp,keel]}" "${RESULT[$scenario,tcp,ovs]}" \
     "$(ratio "${RESULT[$scenario,tcp,keel]}" "${RESULT[$scenario,tcp,ovs]}")"
   printf '%-28s %14s %14s %8s\n' "64B pps ($scenario)" "${RESULT[$scenario,pps,keel]}" "${RESULT[$scenario,pps,ovs]}" \
     "$(ratio "${RESULT[$scenario,pps,keel]}" "${RESULT[$scenario,pps,ovs]}")"
 done
-printf '%-28s %14s %14s %8s\n' "TCP Gb/s (offloads on)" "${RESULT[offloads,tcp,keel]}" "${RESULT[offloads,tcp,ovs]}" \
-  "$(ratio "${RESULT[offloads,tcp,keel]}" "${RESULT[offloads,tcp,ovs]}")"
-printf '%-28s %14s %14s %8s\n' "flow-mods/s (add-flows)" "${FM[keel]}" "${FM[ovs]}" "$(ratio "${FM[keel]}" "${FM[ovs]}")"
+if [[ $only != flowmod ]]; then
+  printf '%-28s %14s %14s %8s\n' "TCP Gb/s (offloads on)" "${RESULT[offloads,tcp,keel]}" "${RESULT[offloads,tcp,ovs]}" \
+    "$(ratio "${RESULT[offloads,tcp,keel]}" "${RESULT[offloads,tcp,ovs]}")"
+fi
+for op in add mod del; do
+  printf '%-28s %14s %14s %8s\n' "flow-mods/s ($op-flows)" "${FM[keel,$op]}" "${FM[ovs,$op]}" \
+    "$(ratio "${FM[keel,$op]}" "${FM[ovs,$op]}")"
+done
 
 # The vhost-user path at full speed: two synthetic guests (tests/unit/vhost's front-end playing
 # QEMU and a virtio-net driver on shared memory) through an in-process keel-switch Bridge, next to
 # the same Bridge with AF_UNIX stream ports, and next to the veth pps measured above.
 vhost_bench=$build/bench/switch/ksw-vhost-bench
-if [[ -x $vhost_bench ]]; then
+if [[ $only == flowmod ]]; then
+  :
+elif [[ -x $vhost_bench ]]; then
   echo
   echo "== vhost-user VM -> keel-switch -> VM (ksw-vhost-bench)"
   "$vhost_bench" --rounds "$rounds" --veth-pps-normal "${RESULT[normal,pps,keel]}" \

@@ -456,6 +456,12 @@ void Bridge::execute(const Decision& d, BridgePort* in, Frame& original, const F
       case DpOp::SetTtl:
         frame_set_ttl(*frame, uint8_t(a.u32));
         break;
+      case DpOp::Meter:
+        if (!a.meter->admit(frame->len, now_)) {
+          if (depth == 0) return;  // over the meter's rate: dropped
+          dead_at = depth;
+        }
+        break;
       case DpOp::CloneBegin: {
         if (depth >= 4 || scratch_used_ >= PacketBatch::kCapacity) {
           dead_at = ++depth;  // no room for a clone: skip this bucket rather than corrupt the packet
@@ -568,6 +574,10 @@ void Bridge::run_tables(Xlate& x, uint8_t first_table) {
     x.table = table;
     x.cookie = rule->cookie;
     const Instructions& ins = rule->instructions;
+    if (ins.meter) {
+      // Validated when the flow was added, and deleting a meter deletes its flows.
+      if (Meter* m = meters_.find(*ins.meter)) x.out->actions.push_back(DpAction{.op = DpOp::Meter, .meter = m});
+    }
     if (ins.has_apply) translate_actions(x, ins.apply, false);
     if (ins.clear_actions) x.action_set.clear();
     if (ins.has_write) write_action_set(x.action_set, ins.write);
@@ -827,9 +837,9 @@ std::vector<Rule*> Bridge::select_rules(uint8_t table_id, const Match& match, bo
     if (strict) {
       if (ClsRule* r = cls->find_exact(match, priority)) consider(static_cast<Rule*>(r));
     } else {
-      cls->for_each([&](ClsRule* cr) {
-        if (cr->match.covered_by(match)) consider(static_cast<Rule*>(cr));
-      });
+      covered_scratch_.clear();
+      cls->collect_covered(match, covered_scratch_);
+      for (ClsRule* cr : covered_scratch_) consider(static_cast<Rule*>(cr));
     }
   }
   return out;
@@ -837,6 +847,7 @@ std::vector<Rule*> Bridge::select_rules(uint8_t table_id, const Match& match, bo
 
 OfResult<void> Bridge::validate_instructions(const FlowMod& fm) {
   const Instructions& ins = fm.instructions;
+  if (ins.meter && !meters_.find(*ins.meter)) return of_fail(OFPET_METER_MOD_FAILED, 2, "unknown meter");
   if (ins.goto_table && *ins.goto_table <= fm.table_id)
     return of_fail(OFPET_BAD_INSTRUCTION, 2, "goto_table must go forward");
   for (const auto* acts : {&ins.apply, &ins.write})
@@ -883,6 +894,7 @@ OfResult<void> Bridge::add_flow(const FlowMod& fm) {
     r->created = now;
     r->last_used = now;
     if (fm.flags & OFPFF_RESET_COUNTS) r->packets = r->bytes = 0;
+    track_timeouts(r);
     invalidate();
     return {};
   }
@@ -899,6 +911,7 @@ OfResult<void> Bridge::add_flow(const FlowMod& fm) {
   Rule* raw = rule.get();
   cls->insert(raw);
   rules_.emplace(raw, std::move(rule));
+  track_timeouts(raw);
   invalidate();
   return {};
 }
@@ -934,17 +947,25 @@ OfResult<void> Bridge::delete_flows(const FlowMod& fm, bool strict) {
 void Bridge::remove_rule(Rule* r, uint8_t reason) {
   if (r->flags & OFPFF_SEND_FLOW_REM) send_flow_removed(*r, reason);
   if (auto& cls = tables_[r->table_id]) cls->remove(r);
+  timed_rules_.erase(r);
   rules_.erase(r);
   invalidate();
 }
 
+void Bridge::track_timeouts(Rule* r) {
+  if (r->idle_timeout || r->hard_timeout)
+    timed_rules_.insert(r);
+  else
+    timed_rules_.erase(r);
+}
+
 void Bridge::expire_flows(Clock::time_point now) {
   std::vector<std::pair<Rule*, uint8_t>> expired;
-  for (auto& [raw, rule] : rules_) {
+  for (Rule* rule : timed_rules_) {
     if (rule->hard_timeout && now - rule->created >= std::chrono::seconds(rule->hard_timeout))
-      expired.emplace_back(raw, OFPRR_HARD_TIMEOUT);
+      expired.emplace_back(rule, OFPRR_HARD_TIMEOUT);
     else if (rule->idle_timeout && now - rule->last_used >= std::chrono::seconds(rule->idle_timeout))
-      expired.emplace_back(raw, OFPRR_IDLE_TIMEOUT);
+      expired.emplace_back(rule, OFPRR_IDLE_TIMEOUT);
   }
   for (auto& [r, reason] : expired) remove_rule(r, reason);
 }
@@ -958,26 +979,38 @@ void Bridge::send_flow_removed(const Rule& r, uint8_t reason) {
     std::vector<uint8_t> msg;
     begin_message(msg, c->version(), OFPT_FLOW_REMOVED, 0);
     ByteWriter w(msg);
-    if (c->version() == kOf10) {
-      encode_match_of10(w, r.match);
+    // The fields every format shares, in the same order: cookie .. idle_timeout.
+    auto common = [&](uint8_t table_id) {
       w.u64(r.cookie);
       w.u16(r.priority);
       w.u8(reason);
-      w.u8(0);
+      w.u8(table_id);
       w.u32(uint32_t(sec.count()));
       w.u32(uint32_t(nsec.count()));
       w.u16(r.idle_timeout);
+    };
+    if (c->version() == kOf10 && c->nxm_flow_format) {
+      // The peer chose NXM: NXT_FLOW_REMOVED carries matches 1.0 cannot (IPv6, ARP hardware fields).
+      msg.clear();
+      begin_message(msg, kOf10, OFPT_EXPERIMENTER, 0);
+      w.u32(kNxVendorId);
+      w.u32(NXT_FLOW_REMOVED);
+      common(r.table_id);
+      size_t match_len_at = msg.size();
+      w.u16(0);  // match_len, patched
+      w.u64(r.packets);
+      w.u64(r.bytes);
+      size_t match_start = msg.size();
+      w.patch_u16(match_len_at, uint16_t(encode_match_nxm(w, r.match)));
+      w.pad_to(8, match_start);
+    } else if (c->version() == kOf10) {
+      encode_match_of10(w, r.match);
+      common(0);
       w.u16(0);
       w.u64(r.packets);
       w.u64(r.bytes);
     } else {
-      w.u64(r.cookie);
-      w.u16(r.priority);
-      w.u8(reason);
-      w.u8(r.table_id);
-      w.u32(uint32_t(sec.count()));
-      w.u32(uint32_t(nsec.count()));
-      w.u16(r.idle_timeout);
+      common(r.table_id);
       w.u16(r.hard_timeout);
       w.u64(r.packets);
       w.u64(r.bytes);
@@ -986,6 +1019,21 @@ void Bridge::send_flow_removed(const Rule& r, uint8_t reason) {
     finish_message(msg);
     c->send(msg);
   }
+}
+
+OfResult<void> Bridge::apply_meter_mod(const MeterMod& mm) {
+  auto r = meters_.apply(mm, Clock::now());
+  if (!r) return r;
+  if (mm.command == 2) {
+    // Deleting a meter deletes the flows that use it.
+    std::vector<Rule*> users;
+    for (auto& [raw, rule] : rules_)
+      if (rule->instructions.meter && (mm.meter_id == OFPM_ALL || *rule->instructions.meter == mm.meter_id))
+        users.push_back(raw);
+    for (Rule* rule : users) remove_rule(rule, OFPRR_DELETE);
+  }
+  invalidate();
+  return {};
 }
 
 OfResult<void> Bridge::apply_group_mod(const GroupMod& gm) {
@@ -1249,9 +1297,32 @@ void Bridge::handle_message(OfConnection& c, std::span<const uint8_t> msg) {
   } else if (v == kOf13 && h.type == OFPT13_SET_ASYNC) {
     // Accepted; every asynchronous message goes to masters and equals.
   } else if (h.type == OFPT_EXPERIMENTER) {
+    ByteReader r(msg.subspan(kOfHeaderLen));
+    uint32_t vendor = r.u32(), subtype = r.u32();
+    if (v == kOf10 && r.ok() && vendor == kNxVendorId && subtype == NXT_SET_FLOW_FORMAT) {
+      // NXM flow format: flow stats come as NXST_FLOW with NXM matches (what cookie masks need).
+      uint32_t format = r.u32();
+      if (!r.ok()) return reply_error(of_error(OFPET_BAD_REQUEST, 6, "short set_flow_format"));
+      if (format != NXFF_OPENFLOW10 && format != NXFF_NXM)
+        return reply_error(of_error(OFPET_BAD_REQUEST, 5, "unsupported flow format"));
+      c.nxm_flow_format = format == NXFF_NXM;
+      return;
+    }
+    if (v == kOf10 && r.ok() && vendor == kNxVendorId && subtype == NXT_FLOW_MOD) {
+      if (slave) return reply_error(of_error(OFPET_BAD_REQUEST, 10, "slave"));
+      auto fm = decode_nx_flow_mod(msg);
+      if (!fm) return reply_error(fm.error());
+      auto applied = apply_flow_mod(*fm, v);
+      if (!applied) return reply_error(applied.error());
+      return;
+    }
     reply_error(of_error(OFPET_BAD_REQUEST, 3, "experimenter messages are not supported"));
   } else if (v == kOf13 && h.type == OFPT13_METER_MOD) {
-    reply_error(of_error(OFPET_METER_MOD_FAILED, 0, "meters are not supported"));
+    if (slave) return reply_error(of_error(OFPET_BAD_REQUEST, 10, "slave"));
+    auto mm = decode_meter_mod(msg);
+    if (!mm) return reply_error(mm.error());
+    auto r = apply_meter_mod(*mm);
+    if (!r) return reply_error(r.error());
   } else {
     reply_error(of_error(OFPET_BAD_REQUEST, 1, "unsupported message type"));
   }
@@ -1262,7 +1333,11 @@ namespace {
 // Builds multipart replies, splitting into several messages (REPLY_MORE) when large.
 class MultipartReply {
 public:
-  MultipartReply(OfConnection& c, uint32_t xid, uint16_t type) : c_(c), xid_(xid), type_(type) { begin(); }
+  // `prefix` is repeated at the start of every message's body (a vendor stats header).
+  MultipartReply(OfConnection& c, uint32_t xid, uint16_t type, std::vector<uint8_t> prefix = {})
+      : c_(c), xid_(xid), type_(type), prefix_(std::move(prefix)) {
+    begin();
+  }
   ByteWriter writer() { return ByteWriter(cur_); }
   std::vector<uint8_t>& buffer() { return cur_; }
   // Call after each entry: starts a new message when this one is big enough.
@@ -1283,6 +1358,7 @@ private:
     w.u16(type_);
     w.u16(0);
     if (v != kOf10) w.u32(0);
+    w.bytes(prefix_.data(), prefix_.size());
   }
   void finish(bool more) {
     if (more) ByteWriter(cur_).patch_u16(10, kMultipartMore);
@@ -1292,8 +1368,30 @@ private:
   OfConnection& c_;
   uint32_t xid_;
   uint16_t type_;
+  std::vector<uint8_t> prefix_;
   std::vector<uint8_t> cur_;
 };
+
+// Flow statistics list tables in order, each table's flows by descending priority.
+void sort_for_dump(std::vector<Rule*>& rules) {
+  std::sort(rules.begin(), rules.end(), [](const Rule* a, const Rule* b) {
+    if (a->table_id != b->table_id) return a->table_id < b->table_id;
+    return a->priority > b->priority;
+  });
+}
+
+// An aggregate reply's body (the same in OpenFlow 1.0, 1.3 and NXST_AGGREGATE).
+void write_aggregate(ByteWriter w, const std::vector<Rule*>& rules) {
+  uint64_t packets = 0, bytes = 0;
+  for (const Rule* rule : rules) {
+    packets += rule->packets;
+    bytes += rule->bytes;
+  }
+  w.u64(packets);
+  w.u64(bytes);
+  w.u32(uint32_t(rules.size()));
+  w.u32(0);
+}
 
 void duration(ByteWriter& w, Clock::time_point since) {
   auto age = Clock::now() - since;
@@ -1357,22 +1455,10 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       if (!r.ok()) return error(OFPET_BAD_REQUEST, 6, "short flow stats request");
       if (table_id != OFPTT_ALL && table_id >= kNumTables) return error(OFPET_BAD_REQUEST, 9, "bad table");
       auto rules = select_rules(table_id, match, false, 0, cookie, cookie_mask, out_port, out_group);
-      std::sort(rules.begin(), rules.end(), [](const Rule* a, const Rule* b) {
-        if (a->table_id != b->table_id) return a->table_id < b->table_id;
-        return a->priority > b->priority;
-      });
+      sort_for_dump(rules);
       MultipartReply rep(c, h.xid, type);
       if (type == OFPMP_AGGREGATE) {
-        uint64_t packets = 0, bytes = 0;
-        for (Rule* rule : rules) {
-          packets += rule->packets;
-          bytes += rule->bytes;
-        }
-        ByteWriter w = rep.writer();
-        w.u64(packets);
-        w.u64(bytes);
-        w.u32(uint32_t(rules.size()));
-        w.u32(0);
+        write_aggregate(rep.writer(), rules);
         rep.done();
         return;
       }
@@ -1484,7 +1570,7 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       break;
   }
   if (v == kOf10) {
-    if (type == OFPMP_EXPERIMENTER) return error(OFPET_BAD_REQUEST, 3, "vendor stats");
+    if (type == OFPMP_EXPERIMENTER) return handle_nx_stats(c, msg, r);
     return error(OFPET_BAD_REQUEST, 2, "unsupported stats type");
   }
   switch (type) {
@@ -1571,14 +1657,58 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
     }
     case OFPMP_METER:
     case OFPMP_METER_CONFIG: {
+      uint32_t id = r.u32();
+      if (!r.ok()) return error(OFPET_BAD_REQUEST, 6, "short meter request");
+      std::vector<const Meter*> selected;
+      if (id == OFPM_ALL) {
+        for (auto& [mid, m] : meters_.meters()) selected.push_back(m.get());
+      } else if (const Meter* m = meters_.find(id)) {
+        selected.push_back(m);
+      } else {
+        return error(OFPET_METER_MOD_FAILED, 3, "no such meter");
+      }
       MultipartReply rep(c, h.xid, type);
+      for (const Meter* m : selected) {
+        auto& buf = rep.buffer();
+        size_t start = buf.size();
+        ByteWriter w = rep.writer();
+        if (type == OFPMP_METER_CONFIG) {
+          w.u16(0);  // length, patched
+          w.u16(m->flags());
+          w.u32(m->id());
+          encode_meter_bands(w, m->bands());
+          w.patch_u16(start, uint16_t(buf.size() - start));
+        } else {
+          uint32_t flows = 0;
+          for (auto& [raw, rule] : rules_)
+            if (rule->instructions.meter == m->id()) ++flows;
+          w.u32(m->id());
+          w.u16(0);  // length, patched
+          w.zeros(6);
+          w.u32(flows);
+          w.u64(m->packets_in());
+          w.u64(m->bytes_in());
+          duration(w, m->created());
+          for (const auto& band : m->band_counters()) {
+            w.u64(band.packets);
+            w.u64(band.bytes);
+          }
+          w.patch_u16(start + 4, uint16_t(buf.size() - start));
+        }
+        rep.entry_done();
+      }
       rep.done();
       return;
     }
     case OFPMP_METER_FEATURES: {
       MultipartReply rep(c, h.xid, type);
       ByteWriter w = rep.writer();
-      w.zeros(16);
+      w.u32(MeterTable::kMaxMeters);
+      w.u32(1u << OFPMBT_DROP);  // band types
+      w.u32(OFPMF_KBPS | OFPMF_PKTPS | OFPMF_BURST | OFPMF_STATS);
+      w.u8(uint8_t(kMaxMeterBands));
+      w.u8(0);  // max colour
+      w.zeros(2);
       rep.done();
       return;
     }
@@ -1587,6 +1717,74 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
     default:
       return error(OFPET_BAD_REQUEST, 2, "unsupported multipart type");
   }
+}
+
+// Nicira vendor stats (OpenFlow 1.0): NXST_FLOW and NXST_AGGREGATE, flow stats with NXM matches. `r`
+// stands after the stats header's type and flags.
+void Bridge::handle_nx_stats(OfConnection& c, std::span<const uint8_t> msg, ByteReader r) {
+  OfHeader h = decode_header(msg.data());
+  auto error = [&](uint16_t t, uint16_t code, const char* what) {
+    c.send(make_error(kOf10, h.xid, of_error(t, code, what), msg));
+  };
+  uint32_t vendor = r.u32(), subtype = r.u32();
+  r.skip(4);
+  if (!r.ok()) return error(OFPET_BAD_REQUEST, 6, "short vendor stats request");
+  if (vendor != kNxVendorId) return error(OFPET_BAD_REQUEST, 3, "unknown vendor");
+  if (subtype != NXST_FLOW && subtype != NXST_AGGREGATE) return error(OFPET_BAD_REQUEST, 2, "unsupported subtype");
+  uint32_t out_port = port_from_of10(r.u16());
+  uint16_t match_len = r.u16();
+  uint8_t table_id = r.u8();
+  r.skip(3);
+  if (!r.ok() || !r.has(match_len)) return error(OFPET_BAD_REQUEST, 6, "short NXST request");
+  uint64_t cookie = 0, cookie_mask = 0;
+  auto match = decode_match_nxm(r.sub(match_len), &cookie, &cookie_mask);
+  if (!match) return c.send(make_error(kOf10, h.xid, match.error(), msg));
+  if (table_id != OFPTT_ALL && table_id >= kNumTables) return error(OFPET_BAD_REQUEST, 9, "bad table");
+  auto rules = select_rules(table_id, *match, false, 0, cookie, cookie_mask, out_port, OFPG_ANY);
+  sort_for_dump(rules);
+  std::vector<uint8_t> prefix;
+  ByteWriter pw(prefix);
+  pw.u32(kNxVendorId);
+  pw.u32(subtype);
+  pw.zeros(4);
+  MultipartReply rep(c, h.xid, OFPST10_VENDOR, std::move(prefix));
+  if (subtype == NXST_AGGREGATE) {
+    write_aggregate(rep.writer(), rules);
+    rep.done();
+    return;
+  }
+  auto now = Clock::now();
+  // Ages as Open vSwitch sends them: seconds plus one (0 would mean unknown), capped.
+  auto age = [&](Clock::time_point since) {
+    auto s = std::chrono::duration_cast<std::chrono::seconds>(now - since).count();
+    return uint16_t(std::min<int64_t>(std::max<int64_t>(s, 0), 0xfffe) + 1);
+  };
+  for (Rule* rule : rules) {
+    auto& buf = rep.buffer();
+    size_t start = buf.size();
+    ByteWriter w = rep.writer();
+    w.u16(0);  // length, patched
+    w.u8(rule->table_id);
+    w.u8(0);
+    duration(w, rule->created);
+    w.u16(rule->priority);
+    w.u16(rule->idle_timeout);
+    w.u16(rule->hard_timeout);
+    size_t match_len_at = buf.size();
+    w.u16(0);  // match_len, patched
+    w.u16(age(rule->last_used));
+    w.u16(age(rule->created));
+    w.u64(rule->cookie);
+    w.u64(rule->packets);
+    w.u64(rule->bytes);
+    size_t len = encode_match_nxm(w, rule->match);
+    w.patch_u16(match_len_at, uint16_t(len));
+    w.pad_to(8, start);
+    encode_actions(kOf10, w, rule->instructions.apply);
+    w.patch_u16(start, uint16_t(buf.size() - start));
+    rep.entry_done();
+  }
+  rep.done();
 }
 
 }  // namespace keel::sw

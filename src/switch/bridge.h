@@ -20,11 +20,13 @@
 #include <span>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "base/event_loop.h"
 #include "base/result.h"
 #include "switch/classifier.h"
+#include "switch/meter.h"
 #include "switch/netflow.h"
 #include "switch/openflow.h"
 #include "switch/port.h"
@@ -166,6 +168,8 @@ public:
   // Direct flow programming (tests, the daemon's default flow). Returns the error an agent would send.
   OfResult<void> apply_flow_mod(const FlowMod& fm, uint8_t version = kOf13);
   OfResult<void> apply_group_mod(const GroupMod& gm);
+  OfResult<void> apply_meter_mod(const MeterMod& mm);
+  const MeterTable& meters() const { return meters_; }
   size_t flow_count() const;
   uint64_t generation() const { return generation_; }
   void expire_flows(Clock::time_point now);
@@ -177,7 +181,7 @@ public:
 
 private:
   enum class DpOp : uint8_t { Output, Normal, Flood, All, InPort, Controller, SetField, PushVlan, PopVlan,
-                              DecTtl, SetTtl, CloneBegin, CloneEnd };
+                              DecTtl, SetTtl, CloneBegin, CloneEnd, Meter };
   struct DpAction {
     DpOp op;
     uint8_t field = 0;
@@ -186,6 +190,7 @@ private:
     uint64_t u64 = 0;
     BridgePort* port = nullptr;
     uint8_t value[16] = {};
+    Meter* meter = nullptr;
   };
   struct Decision {
     std::vector<DpAction> actions;
@@ -238,6 +243,8 @@ private:
   OfResult<void> modify_flows(const FlowMod& fm, bool strict, uint8_t version);
   OfResult<void> delete_flows(const FlowMod& fm, bool strict);
   void remove_rule(Rule* rule, uint8_t reason);
+  // Keeps timed_rules_ in step with the rule's timeouts.
+  void track_timeouts(Rule* rule);
   OfResult<void> validate_instructions(const FlowMod& fm);
   std::vector<Rule*> select_rules(uint8_t table_id, const Match& match, bool strict, uint16_t priority,
                                   uint64_t cookie, uint64_t cookie_mask, uint32_t out_port, uint32_t out_group);
@@ -246,6 +253,7 @@ private:
 
   // OpenFlow message handlers.
   void handle_multipart(OfConnection& conn, std::span<const uint8_t> msg);
+  void handle_nx_stats(OfConnection& conn, std::span<const uint8_t> msg, ByteReader body);
   void send_features(OfConnection& conn, uint32_t xid);
   void encode_port(uint8_t version, ByteWriter& w, const BridgePort& p);
   void broadcast_port_status(const BridgePort& p, uint8_t reason);
@@ -258,7 +266,11 @@ private:
   std::array<std::unique_ptr<Classifier>, kNumTables> tables_;
   std::array<FlowTableStats, kNumTables> table_stats_{};
   std::unordered_map<Rule*, std::unique_ptr<Rule>> rules_;
+  // Rules with an idle or hard timeout: the once-a-second expiry walks only these.
+  std::unordered_set<Rule*> timed_rules_;
+  std::vector<ClsRule*> covered_scratch_;  // select_rules' buffer, kept to avoid reallocating
   std::map<uint32_t, std::unique_ptr<Group>> groups_;
+  MeterTable meters_;
   MacTable mac_table_;
   std::vector<OfConnection*> connections_;
   uint64_t generation_ = 1;

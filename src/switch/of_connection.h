@@ -3,6 +3,7 @@
 // reconnecting) that produce them. Everything else a message asks for is the Bridge's business.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -18,6 +19,10 @@ namespace keel::sw {
 class Bridge;
 
 enum class OfRole : uint32_t { NoChange = 0, Equal = 1, Master = 2, Slave = 3 };
+
+// When any OpenFlow connection of this process last received bytes. The daemon's main loop polls
+// rather than sleeps for a short while after it (see keel_switch_main.cc).
+std::chrono::steady_clock::time_point last_openflow_input();
 
 class OfConnection {
 public:
@@ -36,6 +41,8 @@ public:
   // Passive (service) connections default to 0, controllers to 128, as in Open vSwitch.
   uint16_t miss_send_len = 0;
   uint16_t config_flags = 0;
+  // OpenFlow 1.0 peer chose Nicira's NXM flow format (NXT_SET_FLOW_FORMAT).
+  bool nxm_flow_format = false;
   void send(std::span<const uint8_t> msg);
   void send(const std::vector<uint8_t>& msg) { send(std::span<const uint8_t>(msg)); }
   // Feeds raw bytes as if read from the socket (fuzzing and tests).
@@ -51,12 +58,17 @@ private:
   void process_input();
   void handle_hello(std::span<const uint8_t> msg);
   void flush_output();
+  // The peer's last message asked for no reply (or is incomplete): more is probably on its way.
+  bool peer_mid_request() const;
+  // How long on_events polls for the rest of a request before going back to sleep in epoll.
+  static constexpr std::chrono::microseconds kFollowUpPoll{30};
 
   Bridge& bridge_;
   UniqueFd fd_;
   std::string peer_;
   std::function<void(OfConnection*)> on_closed_;
   uint8_t version_ = 0;
+  uint8_t last_type_ = 0;  // type of the last message handled
   OfRole role_ = OfRole::Equal;
   std::vector<uint8_t> in_;
   std::vector<uint8_t> out_;

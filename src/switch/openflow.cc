@@ -100,7 +100,8 @@ bool operator==(const Action& a, const Action& b) {
 bool operator==(const Instructions& a, const Instructions& b) {
   return a.has_apply == b.has_apply && a.apply == b.apply && a.clear_actions == b.clear_actions &&
          a.has_write == b.has_write && a.write == b.write && a.has_metadata == b.has_metadata &&
-         a.metadata == b.metadata && a.metadata_mask == b.metadata_mask && a.goto_table == b.goto_table;
+         a.metadata == b.metadata && a.metadata_mask == b.metadata_mask && a.goto_table == b.goto_table &&
+         a.meter == b.meter;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -252,12 +253,20 @@ void encode_match_of10(ByteWriter& w, const Match& m) {
 
 namespace {
 
+// The parts of an OXM (or NXM) TLV header.
+struct TlvHeader {
+  uint16_t cls;
+  uint8_t field;
+  bool hasmask;
+  uint8_t len;  // of the body
+};
+TlvHeader split_tlv_header(uint32_t header) {
+  return {uint16_t(header >> 16), uint8_t((header >> 9) & 0x7f), bool(header & 0x100), uint8_t(header & 0xff)};
+}
+
 // One OXM TLV (header already read) into the match. `seen` tracks duplicate fields.
 OfResult<void> apply_oxm(Match& m, uint32_t header, ByteReader& r, uint64_t& seen) {
-  uint16_t cls = uint16_t(header >> 16);
-  uint8_t field = uint8_t((header >> 9) & 0x7f);
-  bool hasmask = header & 0x100;
-  uint8_t len = uint8_t(header & 0xff);
+  auto [cls, field, hasmask, len] = split_tlv_header(header);
   if (!r.has(len)) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "OXM runs past the match");
   auto body = r.span(len);
   if (cls != kOxmClassBasic) return of_fail(OFPET_BAD_MATCH, BMC_BAD_FIELD, "unsupported OXM class");
@@ -346,6 +355,221 @@ uint8_t wire_field(const Match& m, uint8_t f) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Nicira Extended Match (NXM): OpenFlow 1.0's way to matches 1.0 cannot express (cookie masks, IPv6,
+// ARP hardware addresses, metadata). TLVs shaped like OXM; most fields have an OXM twin of the same
+// width, a few differ (16-bit in_port, the whole VLAN TCI, the IP TOS byte) and the cookie is a field.
+
+namespace {
+
+constexpr uint16_t kNxmClass0 = 0x0000;  // NXM_OF_*
+constexpr uint16_t kNxmClass1 = 0x0001;  // NXM_NX_*
+
+struct NxmTwin {
+  uint16_t cls;
+  uint8_t field;
+  Oxm oxm;
+};
+// NXM fields that are their OXM twin under another name (same width, same meaning).
+constexpr NxmTwin kNxmTwins[] = {
+    {kNxmClass0, 1, Oxm::EthDst},      {kNxmClass0, 2, Oxm::EthSrc},      {kNxmClass0, 3, Oxm::EthType},
+    {kNxmClass0, 6, Oxm::IpProto},     {kNxmClass0, 7, Oxm::Ipv4Src},     {kNxmClass0, 8, Oxm::Ipv4Dst},
+    {kNxmClass0, 9, Oxm::TcpSrc},      {kNxmClass0, 10, Oxm::TcpDst},     {kNxmClass0, 11, Oxm::UdpSrc},
+    {kNxmClass0, 12, Oxm::UdpDst},     {kNxmClass0, 13, Oxm::Icmpv4Type}, {kNxmClass0, 14, Oxm::Icmpv4Code},
+    {kNxmClass0, 15, Oxm::ArpOp},      {kNxmClass0, 16, Oxm::ArpSpa},     {kNxmClass0, 17, Oxm::ArpTpa},
+    {kNxmClass1, 17, Oxm::ArpSha},     {kNxmClass1, 18, Oxm::ArpTha},     {kNxmClass1, 19, Oxm::Ipv6Src},
+    {kNxmClass1, 20, Oxm::Ipv6Dst},    {kNxmClass1, 21, Oxm::Icmpv6Type}, {kNxmClass1, 22, Oxm::Icmpv6Code},
+    {kNxmClass1, 28, Oxm::IpEcn},
+};
+constexpr uint8_t kNxmInPort = 0, kNxmVlanTci = 4, kNxmIpTos = 5;  // class 0
+constexpr uint8_t kNxmCookie = 30;                                 // class 1
+
+uint32_t oxm_header(Oxm f, bool hasmask, uint8_t len) {
+  return uint32_t(kOxmClassBasic) << 16 | uint32_t(f) << 9 | (hasmask ? 0x100u : 0u) | len;
+}
+
+// Applies one OXM TLV given as header + bytes (NXM fields translated to their OXM form).
+OfResult<void> apply_oxm_bytes(Match& m, uint32_t header, const uint8_t* body, uint64_t& seen) {
+  ByteReader r(body, header & 0xff);
+  return apply_oxm(m, header, r, seen);
+}
+
+void put_nxm(ByteWriter& w, uint16_t cls, uint8_t field, const uint8_t* value, const uint8_t* mask, size_t len,
+             bool maskable) {
+  bool any = false, full = true;
+  for (size_t i = 0; i < len; ++i) {
+    any |= mask[i] != 0;
+    full &= mask[i] == 0xff;
+  }
+  if (!any) return;
+  bool masked = !full && maskable;
+  w.u16(cls);
+  w.u8(uint8_t(field << 1 | (masked ? 1 : 0)));
+  w.u8(uint8_t(len * (masked ? 2 : 1)));
+  w.bytes(value, len);
+  if (masked) w.bytes(mask, len);
+}
+
+void put_nxm_field(ByteWriter& w, uint16_t cls, uint8_t nxm_field, const Match& m, Oxm f) {
+  const auto& fi = oxm_field_info(uint8_t(f));
+  const auto* kb = reinterpret_cast<const uint8_t*>(&m.key) + fi.offset;
+  const auto* mb = reinterpret_cast<const uint8_t*>(&m.mask) + fi.offset;
+  put_nxm(w, cls, nxm_field, kb, mb, fi.length, fi.maskable);
+}
+
+}  // namespace
+
+OfResult<Match> decode_match_nxm(ByteReader fields, uint64_t* cookie, uint64_t* cookie_mask) {
+  Match m;
+  uint64_t seen = 0;
+  bool seen_cookie = false;
+  while (fields.remaining() > 0) {
+    if (!fields.has(4)) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "truncated NXM header");
+    uint32_t header = fields.u32();
+    auto [cls, field, hasmask, len] = split_tlv_header(header);
+    if (!fields.has(len)) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "NXM field runs past the match");
+    auto body = fields.span(len);
+    if (cls == kOxmClassBasic) {  // OXM fields are allowed in NXM (metadata, SCTP ports, ...)
+      ByteReader r(body);
+      if (auto res = apply_oxm(m, header, r, seen); !res) return tl::unexpected(res.error());
+      continue;
+    }
+    size_t width = hasmask ? len / 2u : len;
+    if (hasmask && len % 2) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "bad NXM length");
+    const uint8_t* value = body.data();
+    const uint8_t* mask = hasmask ? body.data() + width : nullptr;
+    auto be = [](const uint8_t* p, size_t n) {
+      uint64_t v = 0;
+      for (size_t i = 0; i < n; ++i) v = v << 8 | p[i];
+      return v;
+    };
+    if (cls == kNxmClass1 && field == kNxmCookie) {
+      if (width != 8) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "bad NXM cookie length");
+      if (seen_cookie) return of_fail(OFPET_BAD_MATCH, BMC_DUP_FIELD, "duplicate NXM cookie");
+      if (!cookie) return of_fail(OFPET_BAD_MATCH, BMC_BAD_FIELD, "cookie is not a match field here");
+      seen_cookie = true;
+      *cookie = be(value, 8);
+      *cookie_mask = mask ? be(mask, 8) : ~0ull;
+      *cookie &= *cookie_mask;
+      continue;
+    }
+    if (cls == kNxmClass0 && field == kNxmInPort) {
+      if (hasmask || width != 2) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "bad NXM in_port");
+      uint8_t port[4];
+      uint32_t p = port_from_of10(uint16_t(be(value, 2)));
+      for (int i = 0; i < 4; ++i) port[i] = uint8_t(p >> (24 - 8 * i));
+      if (auto res = apply_oxm_bytes(m, oxm_header(Oxm::InPort, false, 4), port, seen); !res)
+        return tl::unexpected(res.error());
+      continue;
+    }
+    if (cls == kNxmClass0 && field == kNxmVlanTci) {
+      if (width != 2) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "bad NXM vlan_tci");
+      uint16_t tci = uint16_t(be(value, 2)), tci_mask = mask ? uint16_t(be(mask, 2)) : 0xffff;
+      if (tci & ~tci_mask) return of_fail(OFPET_BAD_MATCH, BMC_BAD_WILDCARDS, "value has bits outside mask");
+      uint16_t pcp_bits = tci_mask & 0xe000;
+      if (pcp_bits != 0 && pcp_bits != 0xe000)
+        return of_fail(OFPET_BAD_MATCH, BMC_BAD_MASK, "partial vlan_pcp masks are not supported");
+      // TCI 0 with the CFI bit matched: no 802.1Q header, which OXM says as vlan_vid=OFPVID_NONE.
+      uint16_t vid = tci & 0x1fff, vid_mask = tci_mask & 0x1fff;
+      if (vid_mask) {
+        uint8_t v[4] = {uint8_t(vid >> 8), uint8_t(vid), uint8_t(vid_mask >> 8), uint8_t(vid_mask)};
+        bool full = vid_mask == 0x1fff;
+        if (auto res = apply_oxm_bytes(m, oxm_header(Oxm::VlanVid, !full, full ? 2 : 4), v, seen); !res)
+          return tl::unexpected(res.error());
+      }
+      if (pcp_bits && (tci & 0x1000)) {
+        uint8_t pcp = uint8_t(tci >> 13);
+        if (auto res = apply_oxm_bytes(m, oxm_header(Oxm::VlanPcp, false, 1), &pcp, seen); !res)
+          return tl::unexpected(res.error());
+      }
+      continue;
+    }
+    if (cls == kNxmClass0 && field == kNxmIpTos) {
+      if (hasmask || width != 1) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "bad NXM ip_tos");
+      uint8_t dscp = uint8_t(value[0] >> 2);
+      if (auto res = apply_oxm_bytes(m, oxm_header(Oxm::IpDscp, false, 1), &dscp, seen); !res)
+        return tl::unexpected(res.error());
+      continue;
+    }
+    const NxmTwin* twin = nullptr;
+    for (const auto& t : kNxmTwins)
+      if (t.cls == cls && t.field == field) twin = &t;
+    if (!twin) return of_fail(OFPET_BAD_MATCH, BMC_BAD_FIELD, "unsupported NXM field");
+    if (auto res = apply_oxm_bytes(m, oxm_header(twin->oxm, hasmask, len), body.data(), seen); !res)
+      return tl::unexpected(res.error());
+  }
+  if (auto missing = m.missing_prereq())
+    return of_fail(OFPET_BAD_MATCH, BMC_BAD_PREREQ, "prerequisite missing for " + *missing);
+  m.normalize();
+  return m;
+}
+
+size_t encode_match_nxm(ByteWriter& w, const Match& m) {
+  size_t start = w.size();
+  // Prerequisites first: Open vSwitch checks each field against the fields before it.
+  if (m.mask.in_port) {
+    uint16_t port = port_to_of10(be32(m.key.in_port));
+    uint8_t v[2] = {uint8_t(port >> 8), uint8_t(port)}, full[2] = {0xff, 0xff};
+    put_nxm(w, kNxmClass0, kNxmInPort, v, full, 2, false);
+  }
+  put_nxm_field(w, kNxmClass0, 1, m, Oxm::EthDst);
+  put_nxm_field(w, kNxmClass0, 2, m, Oxm::EthSrc);
+  put_nxm_field(w, kNxmClass0, 3, m, Oxm::EthType);
+  uint16_t vid = be16(m.key.vlan_vid), vid_mask = be16(m.mask.vlan_vid);
+  if (vid_mask || m.mask.vlan_pcp) {
+    uint16_t tci = vid & 0x1fff, tci_mask = vid_mask & 0x1fff;
+    if ((tci_mask & 0x1000) && !(tci & 0x1000)) {
+      tci_mask = 0xffff;  // no 802.1Q header: the whole TCI is zero
+    } else if (m.mask.vlan_pcp) {
+      tci |= uint16_t(m.key.vlan_pcp << 13);
+      tci_mask |= 0xe000;
+    }
+    uint8_t v[2] = {uint8_t(tci >> 8), uint8_t(tci)}, mk[2] = {uint8_t(tci_mask >> 8), uint8_t(tci_mask)};
+    put_nxm(w, kNxmClass0, kNxmVlanTci, v, mk, 2, true);
+  }
+  put_nxm_field(w, kNxmClass0, 6, m, Oxm::IpProto);
+  if (m.mask.ip_dscp) {
+    uint8_t tos = uint8_t(m.key.ip_dscp << 2), full = 0xff;
+    put_nxm(w, kNxmClass0, kNxmIpTos, &tos, &full, 1, false);
+  }
+  put_nxm_field(w, kNxmClass1, 28, m, Oxm::IpEcn);
+  put_nxm_field(w, kNxmClass0, 7, m, Oxm::Ipv4Src);
+  put_nxm_field(w, kNxmClass0, 8, m, Oxm::Ipv4Dst);
+  put_nxm_field(w, kNxmClass1, 19, m, Oxm::Ipv6Src);
+  put_nxm_field(w, kNxmClass1, 20, m, Oxm::Ipv6Dst);
+  uint8_t proto = m.mask.ip_proto ? m.key.ip_proto : 0;
+  bool v6 = m.key.eth_type == be16(kEthTypeIpv6);
+  if (proto == IPPROTO_SCTP) {
+    // NXM has no SCTP ports: Open vSwitch sends their OXM form.
+    for (Oxm f : {Oxm::SctpSrc, Oxm::SctpDst}) {
+      const auto& fi = oxm_field_info(uint8_t(f));
+      put_nxm(w, kOxmClassBasic, uint8_t(f), reinterpret_cast<const uint8_t*>(&m.key) + fi.offset,
+              reinterpret_cast<const uint8_t*>(&m.mask) + fi.offset, fi.length, fi.maskable);
+    }
+  } else if (proto == IPPROTO_UDP) {
+    put_nxm_field(w, kNxmClass0, 11, m, Oxm::UdpSrc);
+    put_nxm_field(w, kNxmClass0, 12, m, Oxm::UdpDst);
+  } else if (proto == IPPROTO_TCP) {
+    put_nxm_field(w, kNxmClass0, 9, m, Oxm::TcpSrc);
+    put_nxm_field(w, kNxmClass0, 10, m, Oxm::TcpDst);
+  } else if (v6) {
+    put_nxm_field(w, kNxmClass1, 21, m, Oxm::Icmpv6Type);
+    put_nxm_field(w, kNxmClass1, 22, m, Oxm::Icmpv6Code);
+  } else {
+    put_nxm_field(w, kNxmClass0, 13, m, Oxm::Icmpv4Type);
+    put_nxm_field(w, kNxmClass0, 14, m, Oxm::Icmpv4Code);
+  }
+  put_nxm_field(w, kNxmClass0, 15, m, Oxm::ArpOp);
+  put_nxm_field(w, kNxmClass0, 16, m, Oxm::ArpSpa);
+  put_nxm_field(w, kNxmClass0, 17, m, Oxm::ArpTpa);
+  put_nxm_field(w, kNxmClass1, 17, m, Oxm::ArpSha);
+  put_nxm_field(w, kNxmClass1, 18, m, Oxm::ArpTha);
+  const auto& md = oxm_field_info(uint8_t(Oxm::Metadata));
+  put_nxm(w, kOxmClassBasic, uint8_t(Oxm::Metadata), reinterpret_cast<const uint8_t*>(&m.key) + md.offset,
+          reinterpret_cast<const uint8_t*>(&m.mask) + md.offset, md.length, md.maskable);
+  return w.size() - start;
+}
 
 void encode_match_oxm(ByteWriter& w, const Match& m) {
   size_t start = w.size();
@@ -709,7 +933,9 @@ OfResult<Instructions> decode_instructions(ByteReader r, const Match& match) {
         ins.clear_actions = true;
         break;
       case IT_METER:
-        return of_fail(OFPET_BAD_INSTRUCTION, BIC_UNSUP_INST, "meters are not supported");
+        if (len != 8) return of_fail(OFPET_BAD_INSTRUCTION, BIC_BAD_LEN, "meter length");
+        ins.meter = body.u32();
+        break;
       default:
         return of_fail(OFPET_BAD_INSTRUCTION, BIC_UNKNOWN_INST, "unknown instruction");
     }
@@ -719,6 +945,7 @@ OfResult<Instructions> decode_instructions(ByteReader r, const Match& match) {
 
 void encode_instructions(ByteWriter& w, const Instructions& ins) {
   // Pipeline order, which is also the order Open vSwitch reports them in.
+  if (ins.meter) { w.u16(IT_METER); w.u16(8); w.u32(*ins.meter); }
   if (ins.has_apply) {
     size_t start = w.size();
     w.u16(IT_APPLY_ACTIONS); w.u16(0); w.u32(0);
@@ -739,6 +966,57 @@ void encode_instructions(ByteWriter& w, const Instructions& ins) {
 }
 
 const std::vector<Action>& of10_actions(const Instructions& ins) { return ins.apply; }
+
+OfResult<MeterMod> decode_meter_mod(std::span<const uint8_t> msg) {
+  constexpr uint16_t BAD_BAND = 8, BAD_RATE = 6, BAD_FLAGS = 5, BAD_COMMAND = 4, OUT_OF_BANDS = 11;
+  ByteReader r(msg.subspan(kOfHeaderLen));
+  MeterMod mm;
+  mm.command = r.u16();
+  mm.flags = r.u16();
+  mm.meter_id = r.u32();
+  if (!r.ok()) return of_fail(OFPET_BAD_REQUEST, 6, "short meter_mod");
+  if (mm.command > 2) return of_fail(OFPET_METER_MOD_FAILED, BAD_COMMAND, "bad meter command");
+  if (mm.command == 2) return mm;  // delete: bands do not matter
+  if (mm.flags & ~uint16_t(OFPMF_KBPS | OFPMF_PKTPS | OFPMF_BURST | OFPMF_STATS) ||
+      bool(mm.flags & OFPMF_KBPS) == bool(mm.flags & OFPMF_PKTPS))
+    return of_fail(OFPET_METER_MOD_FAILED, BAD_FLAGS, "meter flags need exactly one of kbps, pktps");
+  while (r.remaining() > 0) {
+    if (!r.has(16)) return of_fail(OFPET_BAD_REQUEST, 6, "truncated meter band");
+    MeterBand b;
+    b.type = r.u16();
+    uint16_t len = r.u16();
+    if (len < 16 || !r.has(size_t(len) - 4)) return of_fail(OFPET_BAD_REQUEST, 6, "bad meter band length");
+    b.rate = r.u32();
+    b.burst_size = r.u32();
+    r.skip(size_t(len) - 12);
+    if (b.type != OFPMBT_DROP) return of_fail(OFPET_METER_MOD_FAILED, BAD_BAND, "only drop bands are supported");
+    if (b.rate == 0) return of_fail(OFPET_METER_MOD_FAILED, BAD_RATE, "meter band rate 0");
+    if (mm.bands.size() >= kMaxMeterBands) return of_fail(OFPET_METER_MOD_FAILED, OUT_OF_BANDS, "too many bands");
+    mm.bands.push_back(b);
+  }
+  return mm;
+}
+
+void encode_meter_bands(ByteWriter& w, const std::vector<MeterBand>& bands) {
+  for (const MeterBand& b : bands) {
+    w.u16(b.type);
+    w.u16(16);
+    w.u32(b.rate);
+    w.u32(b.burst_size);
+    w.zeros(4);
+  }
+}
+
+void encode_meter_mod(std::vector<uint8_t>& out, const MeterMod& mm, uint32_t xid) {
+  size_t start = out.size();
+  begin_message(out, kOf13, OFPT13_METER_MOD, xid);
+  ByteWriter w(out);
+  w.u16(mm.command);
+  w.u16(mm.flags);
+  w.u32(mm.meter_id);
+  encode_meter_bands(w, mm.bands);
+  finish_message(out, start);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Messages
@@ -792,6 +1070,48 @@ OfResult<FlowMod> decode_flow_mod(uint8_t version, std::span<const uint8_t> msg)
   auto ins = decode_instructions(r.sub(r.remaining()), fm.match);
   if (!ins) return tl::unexpected(ins.error());
   fm.instructions = std::move(*ins);
+  return fm;
+}
+
+OfResult<FlowMod> decode_nx_flow_mod(std::span<const uint8_t> msg) {
+  ByteReader r(msg);
+  r.skip(kOfHeaderLen + 8);  // vendor, subtype
+  if (!r.has(32)) return of_fail(OFPET_BAD_REQUEST, BRC_BAD_LEN, "short nx_flow_mod");
+  FlowMod fm;
+  uint64_t new_cookie = r.u64();
+  uint16_t command = r.u16();
+  // The high byte would be a table id had the peer enabled NXT_FLOW_MOD_TABLE_ID (refused here): as in
+  // Open vSwitch, an add goes to table 0 and the rest act on every table.
+  fm.command = uint8_t(command);
+  if (fm.command > OFPFC_DELETE_STRICT) return of_fail(OFPET_FLOW_MOD_FAILED, FMFC_BAD_COMMAND, "command");
+  fm.table_id = fm.command == OFPFC_ADD ? 0 : OFPTT_ALL;
+  fm.idle_timeout = r.u16();
+  fm.hard_timeout = r.u16();
+  fm.priority = r.u16();
+  fm.buffer_id = r.u32();
+  fm.out_port = port_from_of10(r.u16());
+  fm.flags = r.u16() & (OFPFF_SEND_FLOW_REM | OFPFF_CHECK_OVERLAP);
+  uint16_t match_len = r.u16();
+  r.skip(6);
+  size_t padded = (size_t(match_len) + 7) / 8 * 8;
+  if (!r.has(padded)) return of_fail(OFPET_BAD_MATCH, BMC_BAD_LEN, "nx_match runs past the message");
+  uint64_t cookie = 0, cookie_mask = 0;
+  auto m = decode_match_nxm(r.sub(match_len), &cookie, &cookie_mask);
+  if (!m) return tl::unexpected(m.error());
+  r.skip(padded - match_len);
+  fm.match = *m;
+  // An add sets the flow's cookie; modify and delete select by the match's cookie field.
+  if (fm.command == OFPFC_ADD) {
+    if (cookie_mask) return of_fail(OFPET_BAD_MATCH, BMC_BAD_FIELD, "cookie match in an add");
+    fm.cookie = new_cookie;
+  } else {
+    fm.cookie = cookie;
+    fm.cookie_mask = cookie_mask;
+  }
+  auto acts = decode_actions(kOf10, r.sub(r.remaining()), &fm.match);
+  if (!acts) return tl::unexpected(acts.error());
+  fm.instructions.has_apply = true;
+  fm.instructions.apply = std::move(*acts);
   return fm;
 }
 

@@ -51,6 +51,15 @@ constexpr uint8_t OFPT13_GET_ASYNC_REQUEST = 26;
 constexpr uint8_t OFPT13_GET_ASYNC_REPLY = 27;
 constexpr uint8_t OFPT13_SET_ASYNC = 28;
 constexpr uint8_t OFPT13_METER_MOD = 29;
+// Nicira vendor extensions that ovs-ofctl -O OpenFlow10 uses for what 1.0 cannot say (cookie masks).
+constexpr uint32_t kNxVendorId = 0x00002320;
+constexpr uint32_t NXT_SET_FLOW_FORMAT = 12;
+constexpr uint32_t NXT_FLOW_MOD = 13;
+constexpr uint32_t NXT_FLOW_REMOVED = 14;
+constexpr uint32_t NXFF_OPENFLOW10 = 0, NXFF_NXM = 2;
+constexpr uint32_t NXST_FLOW = 0, NXST_AGGREGATE = 1;
+constexpr uint16_t OFPST10_VENDOR = 0xffff;
+
 enum MultipartType : uint16_t {
   OFPMP_DESC = 0, OFPMP_FLOW = 1, OFPMP_AGGREGATE = 2, OFPMP_TABLE = 3, OFPMP_PORT_STATS = 4,
   OFPMP_QUEUE = 5, OFPMP_GROUP = 6, OFPMP_GROUP_DESC = 7, OFPMP_GROUP_FEATURES = 8, OFPMP_METER = 9,
@@ -132,6 +141,7 @@ struct Instructions {
   bool has_metadata = false;
   uint64_t metadata = 0, metadata_mask = 0;
   std::optional<uint8_t> goto_table;
+  std::optional<uint32_t> meter;  // OpenFlow 1.3 meter instruction: runs first
 };
 bool operator==(const Instructions& a, const Instructions& b);
 
@@ -141,6 +151,11 @@ OfResult<Match> decode_match_oxm(ByteReader& r);  // struct ofp_match incl. its 
 OfResult<std::vector<Action>> decode_actions(uint8_t version, ByteReader r, const Match* match);
 OfResult<Instructions> decode_instructions(ByteReader r, const Match& match);
 
+// Nicira Extended Match: `fields` is exactly the match's bytes (match_len, no padding). The cookie is a
+// field there; cookie/cookie_mask receive it (null: a cookie is an error).
+OfResult<Match> decode_match_nxm(ByteReader fields, uint64_t* cookie, uint64_t* cookie_mask);
+// Writes the NXM fields (no padding); returns match_len.
+size_t encode_match_nxm(ByteWriter& w, const Match& m);
 void encode_match_of10(ByteWriter& w, const Match& m);
 void encode_match_oxm(ByteWriter& w, const Match& m);  // struct ofp_match incl. padding
 void encode_actions(uint8_t version, ByteWriter& w, const std::vector<Action>& actions);
@@ -165,6 +180,29 @@ struct FlowMod {
   Instructions instructions;
 };
 OfResult<FlowMod> decode_flow_mod(uint8_t version, std::span<const uint8_t> msg);
+// Nicira's NXT_FLOW_MOD (OpenFlow 1.0 with an NXM match; the whole vendor message).
+OfResult<FlowMod> decode_nx_flow_mod(std::span<const uint8_t> msg);
+
+// OpenFlow 1.3 meters. Only drop bands (what Open vSwitch's userspace datapath offers too).
+enum MeterFlags : uint16_t { OFPMF_KBPS = 1, OFPMF_PKTPS = 2, OFPMF_BURST = 4, OFPMF_STATS = 8 };
+constexpr uint16_t OFPMBT_DROP = 1;
+constexpr uint32_t OFPM_MAX = 0xffff0000;
+constexpr uint32_t OFPM_ALL = 0xffffffff;
+constexpr size_t kMaxMeterBands = 8;
+struct MeterBand {
+  uint16_t type = OFPMBT_DROP;
+  uint32_t rate = 0;        // kbit/s or packets/s (the meter's flags say which)
+  uint32_t burst_size = 0;  // kbits or packets
+};
+struct MeterMod {
+  uint16_t command = 0;  // 0 add, 1 modify, 2 delete
+  uint16_t flags = 0;
+  uint32_t meter_id = 0;
+  std::vector<MeterBand> bands;
+};
+OfResult<MeterMod> decode_meter_mod(std::span<const uint8_t> msg);
+void encode_meter_bands(ByteWriter& w, const std::vector<MeterBand>& bands);
+void encode_meter_mod(std::vector<uint8_t>& out, const MeterMod& mm, uint32_t xid);
 void encode_flow_mod(uint8_t version, std::vector<uint8_t>& out, const FlowMod& fm, uint32_t xid);
 
 enum GroupType : uint8_t { OFPGT_ALL = 0, OFPGT_SELECT = 1, OFPGT_INDIRECT = 2, OFPGT_FF = 3 };

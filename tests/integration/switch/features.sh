@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Operator features of keel-switch, end to end: SPAN and RSPAN mirrors (seen by tcpdump), NetFlow v5
-# export (to a test collector, exact byte counts), ingress policing (a UDP flood capped to its rate
-# within 10%), and an active-backup bond failing over when its active member loses carrier.
+# export (to a test collector, exact byte counts), ingress policing and an OpenFlow meter (each capping
+# a UDP flood to its rate within 10%), and an active-backup bond failing over when its active member
+# loses carrier.
 # Usage: features.sh BUILD_BIN_DIR
 set -euo pipefail
 KSW_BIN=$1
@@ -85,15 +86,19 @@ assert d["flows"].get("10.0.0.2>10.0.0.1/1") == [10, 10280], d["flows"]
 ' "$KSW_TMP/netflow.json"
 $KSW_CTL clear-netflow br0
 
-# --- Policing: v1 at 10 Mbit/s; a 50 Mbit/s UDP flood from h1 arrives at about 10 Mbit/s.
-$KSW_CTL set interface v1 ingress_policing_rate=10000 ingress_policing_burst=1000
-ip netns exec "$h2" iperf3 -s -1 -p 5301 >/dev/null 2>&1 &
-server=$!
-KSW_PIDS+=($server)
-for _ in $(seq 50); do ip netns exec "$h2" ss -ltn | grep -q ':5301 ' && break; sleep 0.1; done
-ip netns exec "$h1" iperf3 -c 10.0.0.2 -p 5301 -u -b 50M -t 5 -J >"$KSW_TMP/police.json" 2>&1 || true
-kill $server 2>/dev/null || true
-check "policing: received rate within 10% of 10 Mbit/s" python3 -c '
+# udp_flood NAME: h1 floods h2 with 50 Mbit/s of UDP for 5 s; iperf3's report goes to $KSW_TMP/NAME.json.
+udp_flood() {
+  ip netns exec "$h2" iperf3 -s -1 -p 5301 >/dev/null 2>&1 &
+  local server=$!
+  KSW_PIDS+=($server)
+  for _ in $(seq 50); do ip netns exec "$h2" ss -ltn | grep -q ':5301 ' && break; sleep 0.1; done
+  ip netns exec "$h1" iperf3 -c 10.0.0.2 -p 5301 -u -b 50M -t 5 -J >"$KSW_TMP/$1.json" 2>&1 || true
+  kill $server 2>/dev/null || true
+}
+# received_near_10mbit NAME: what h2 received, counted as whole Ethernet frames (what policers and
+# meters measure), is within 10% of 10 Mbit/s.
+received_near_10mbit() {
+  python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
 assert "error" not in d, d.get("error")
@@ -101,13 +106,36 @@ s = d["end"]["sum_received"]
 secs = s["seconds"]
 received_pkts = s["packets"] - s["lost_packets"]
 payload = s["bytes"]
-# What the policer meters: whole Ethernet frames (payload + UDP + IP + Ethernet headers).
+# Whole Ethernet frames: payload + UDP + IP + Ethernet headers.
 l2_bits = (payload + received_pkts * (8 + 20 + 14)) * 8
 rate = l2_bits / secs / 1e6
-print("policed rate %.2f Mbit/s (sent %.1f Mbit/s)" % (rate, d["end"]["sum_sent"]["bytes"] * 8 / secs / 1e6))
+print("received %.2f Mbit/s (sent %.1f Mbit/s)" % (rate, d["end"]["sum_sent"]["bytes"] * 8 / secs / 1e6))
 assert abs(rate - 10.0) <= 1.0, rate
-' "$KSW_TMP/police.json"
+' "$KSW_TMP/$1.json"
+}
+
+# --- Policing: v1 at 10 Mbit/s; a 50 Mbit/s UDP flood from h1 arrives at about 10 Mbit/s.
+$KSW_CTL set interface v1 ingress_policing_rate=10000 ingress_policing_burst=1000
+udp_flood police
+check "policing: received rate within 10% of 10 Mbit/s" received_near_10mbit police
 $KSW_CTL set interface v1 ingress_policing_rate=0 ingress_policing_burst=0
+
+# --- Meter: an OpenFlow 1.3 meter (10 Mbit/s drop band) on the flow carrying h1's UDP caps the same
+# flood; its band counts the drops.
+$KSW_CTL set-controller br0 ptcp:6653:127.0.0.1
+ksw_wait_of "$sw" 6653
+ofctl() { ip netns exec "$sw" ovs-ofctl -O OpenFlow13 "$@"; }
+ofctl add-meter tcp:127.0.0.1:6653 "meter=1,kbps,burst,band=type=drop,rate=10000,burst_size=1000"
+ofctl add-flow tcp:127.0.0.1:6653 "priority=100,udp,nw_src=10.0.0.1,actions=meter:1,NORMAL"
+udp_flood meter
+check "meter: received rate within 10% of 10 Mbit/s" received_near_10mbit meter
+ofctl meter-stats tcp:127.0.0.1:6653 meter=1 | tee "$KSW_TMP/meter-stats.txt"
+check "meter: the drop band counted dropped packets" \
+  grep -Eq '^0: packet_count:[1-9][0-9]* byte_count:[1-9]' "$KSW_TMP/meter-stats.txt"
+ofctl del-meters tcp:127.0.0.1:6653
+check "meter: deleting the meter deleted its flow" \
+  bash -c "! ip netns exec $sw ovs-ofctl -O OpenFlow13 dump-flows tcp:127.0.0.1:6653 | grep -q meter"
+$KSW_CTL del-controller br0
 
 # --- Bond failover: h1 (br0) reaches h4 (br1) over bond0; u1 goes down, b2 takes over.
 check "bond: h1 pings h4 over the bond" ping_from "$h1" 10.0.0.4

@@ -63,7 +63,7 @@ check() {
   out_ovs=$(ip netns exec "$ns_ovs" ovs-ofctl -O "$ver" "$@" 2>&1) || rc_ovs=$?
   out_keel=$(ip netns exec "$ns_keel" ovs-ofctl -O "$ver" "$@" 2>&1) || rc_keel=$?
   normalize() {
-    sed -E -e 's/duration=[0-9.]+s/duration=X/g' -e 's/(idle|hard)_age=[0-9]+, ?//g' -e 's/xid=0x[0-9a-f]+/xid=X/g' \
+    sed -E -e 's/duration=[0-9.]+s/duration=X/g' -e 's/duration:[0-9.]+s/duration:X/g' -e 's/(idle|hard)_age=[0-9]+, ?//g' -e 's/xid=0x[0-9a-f]+/xid=X/g' \
       -e 's/^(NXST|OFPST)_(FLOW|AGGREGATE) reply/\2 reply/' | grep -v 'flags=\[more\]' | sort
   }
   if [[ $rc_ovs != "$rc_keel" ]] || ! diff <(normalize <<<"$out_ovs") <(normalize <<<"$out_keel") >"$KSW_TMP/diff"; then
@@ -88,12 +88,39 @@ for ver in OpenFlow13 OpenFlow10; do
     check add-group-indirect $ver add-group $T "group_id=4,type=indirect,bucket=set_field:10.0.0.1->ip_dst,output:1"
     check add-group-dup $ver add-group $T "group_id=4,type=indirect,bucket=output:1"
     check dump-groups $ver dump-groups $T
+    # Meters (drop bands; OVS's userspace datapath has them too).
+    check add-meter-burst $ver add-meter $T "meter=1,kbps,burst,band=type=drop,rate=1000,burst_size=100"
+    check add-meter-pktps $ver add-meter $T "meter=2,pktps,band=type=drop,rate=500"
+    check add-meter-bands $ver add-meter $T "meter=3,kbps,stats,bands=type=drop,rate=2000,type=drop,rate=4000"
+    check add-meter-exists $ver add-meter $T "meter=1,kbps,band=type=drop,rate=300"
+    check add-meter-bad-band $ver add-meter $T "meter=4,kbps,band=type=dscp_remark,rate=100,prec_level=1"
+    check mod-meter-unknown $ver mod-meter $T "meter=8,kbps,band=type=drop,rate=300"
+    check dump-meters $ver dump-meters $T
+    check meter-features $ver meter-features $T
+    check add-flow-meter $ver add-flow $T "priority=50000,ip,nw_dst=10.99.0.1,actions=meter:1,output:1"
+    check add-flow-meter-goto $ver add-flow $T "priority=50001,tcp,nw_dst=10.99.0.2,actions=meter:3,goto_table:2"
+    check meter-stats $ver meter-stats $T
+    check meter-stats-unknown $ver meter-stats $T meter=77
+    check mod-meter $ver mod-meter $T "meter=1,kbps,band=type=drop,rate=300"
+    check dump-meters-one $ver dump-meters $T meter=1
+    check del-meter-3 $ver del-meters $T meter=3
+    check dump-flows-after-del-meter $ver dump-flows $T
   fi
   check add-flows $ver add-flows $T "$file"
   check dump-flows $ver dump-flows $T
   check dump-flows-filtered $ver dump-flows $T "tcp"
-  # (1.0 has no cookie masks; ovs-ofctl then needs Nicira extensions)
-  [[ $ver == OpenFlow13 ]] && check dump-flows-cookie $ver dump-flows $T "cookie=0x5/-1"
+  # 1.0 has no cookie masks: ovs-ofctl switches to Nicira's NXM flow format (NXT_SET_FLOW_FORMAT,
+  # then NXST_FLOW / NXST_AGGREGATE with the cookie as an NXM field).
+  check dump-flows-cookie $ver dump-flows $T "cookie=0x5/-1"
+  check dump-flows-cookie-masked $ver dump-flows $T "cookie=0x10/0xf0,ip"
+  check dump-aggregate-cookie $ver dump-aggregate $T "cookie=0x5/-1"
+  # Flow-mods 1.0 cannot express go as NXT_FLOW_MOD with an NXM match (IPv6, ARP hardware addresses,
+  # cookie masks in modify/delete).
+  check add-flow-ipv6 $ver add-flow $T "priority=9,ipv6,ipv6_src=2001:db8::/32,actions=output:2"
+  check add-flow-arp-sha $ver add-flow $T "priority=10,arp,arp_sha=02:00:00:00:00:01,actions=drop"
+  check mod-flows-cookie $ver mod-flows $T "cookie=0x5/-1,actions=output:4"
+  check del-flows-cookie $ver del-flows $T "cookie=0x15/0xff"
+  check dump-flows-after-cookie-mods $ver dump-flows $T
   check add-flow $ver add-flow $T "priority=65000,in_port=3,actions=output:1"
   check add-flow-replace $ver add-flow $T "priority=65000,in_port=3,actions=output:2"
   check mod-flows $ver mod-flows $T "tcp,actions=output:7"
@@ -116,6 +143,8 @@ for ver in OpenFlow13 OpenFlow10; do
   if [[ $ver == OpenFlow13 ]]; then
     check del-groups $ver del-groups $T
     check dump-groups-empty $ver dump-groups $T
+    check del-meters $ver del-meters $T
+    check dump-meters-empty $ver dump-meters $T
   fi
 done
 

@@ -303,6 +303,39 @@ TEST_F(BridgeTest, PacketInAndErrorsOverAConnection) {
   EXPECT_TRUE(std::equal(frame.begin(), frame.end(), out.end() - long(frame.size())));
 }
 
+// A 1.0 peer that chose the NXM flow format gets FLOW_REMOVED as NXT_FLOW_REMOVED with an NXM match.
+TEST_F(BridgeTest, FlowRemovedInNxmFormat) {
+  std::vector<uint8_t> out;
+  OfConnection conn(*bridge_, UniqueFd(), "test", nullptr);
+  conn.capture = &out;
+  ASSERT_TRUE(conn.start());
+  conn.feed(std::vector<uint8_t>{1, 0, 0, 8, 0, 0, 0, 1});
+  ASSERT_EQ(conn.version(), kOf10);
+  // NXT_SET_FLOW_FORMAT(NXM): no reply.
+  out.clear();
+  conn.feed(std::vector<uint8_t>{1, 4, 0, 20, 0, 0, 0, 2, 0, 0, 0x23, 0x20, 0, 0, 0, 12, 0, 0, 0, 2});
+  EXPECT_TRUE(out.empty());
+  EXPECT_TRUE(conn.nxm_flow_format);
+  FlowMod fm = flow(3, {output(2)});
+  set(fm.match, Oxm::EthType, 0x86dd);
+  fm.flags = OFPFF_SEND_FLOW_REM;
+  fm.cookie = 0x99;
+  fm.hard_timeout = 1;
+  ASSERT_TRUE(bridge_->apply_flow_mod(fm, kOf10));
+  bridge_->expire_flows(Clock::now() + std::chrono::seconds(2));
+  // Nicira header (16), then cookie, priority, reason, table, durations, idle, match_len, counters (40),
+  // then NXM_OF_ETH_TYPE (6 bytes) padded to 8.
+  ASSERT_EQ(out.size(), 16u + 40u + 8u);
+  EXPECT_EQ(out[1], OFPT_EXPERIMENTER);
+  EXPECT_EQ(out[15], NXT_FLOW_REMOVED);
+  EXPECT_EQ(out[23], 0x99);        // cookie
+  EXPECT_EQ(out[26], 1);           // reason: hard timeout
+  EXPECT_EQ(out[39], 6);           // match_len
+  EXPECT_EQ(out[59], 2);           // NXM_OF_ETH_TYPE header (00 00 06 02), then its value
+  EXPECT_EQ(out[60], 0x86);
+  EXPECT_EQ(out[61], 0xdd);
+}
+
 TEST_F(BridgeTest, IdleAndHardTimeouts) {
   FlowMod idle = flow(1, {output(2)});
   idle.idle_timeout = 5;
@@ -321,6 +354,81 @@ TEST_F(BridgeTest, IdleAndHardTimeouts) {
   EXPECT_EQ(bridge_->flow_count(), 0u);
 }
 
+// Flow table operations at the scale a controller programs them (10,000+ flows, one flow-mod each):
+// non-strict modify and delete select exactly the flows their match covers, strict ones exactly one,
+// and timeouts apply to the timed flows only.
+TEST_F(BridgeTest, FlowTableOperationsAtTenThousandFlows) {
+  auto tcp_flow = [&](uint32_t i, uint8_t command = OFPFC_ADD) {
+    FlowMod fm = flow(uint16_t(100 + i % 50), {output(1)}, command);
+    set(fm.match, Oxm::EthType, 0x0800);
+    set(fm.match, Oxm::IpProto, 6);
+    set(fm.match, Oxm::Ipv4Dst, 0xac100000 | i);
+    set(fm.match, Oxm::TcpDst, i % 1000 + 1);
+    return fm;
+  };
+  auto ip_flow = [&](uint32_t i, uint8_t command = OFPFC_ADD) {
+    FlowMod fm = flow(uint16_t(200 + i % 50), {output(2)}, command);
+    set(fm.match, Oxm::EthType, 0x0800);
+    set(fm.match, Oxm::Ipv4Dst, 0xac100000 | i);
+    return fm;
+  };
+  for (uint32_t i = 0; i < 6000; ++i) {
+    ASSERT_TRUE(bridge_->apply_flow_mod(tcp_flow(i)));
+    FlowMod ip = ip_flow(i);
+    if (i % 10 == 0) ip.hard_timeout = 30;  // 600 timed flows
+    ASSERT_TRUE(bridge_->apply_flow_mod(ip));
+  }
+  EXPECT_EQ(bridge_->flow_count(), 12000u);
+  // Re-adding identical flows replaces them.
+  for (uint32_t i = 0; i < 100; ++i) ASSERT_TRUE(bridge_->apply_flow_mod(tcp_flow(i)));
+  EXPECT_EQ(bridge_->flow_count(), 12000u);
+
+  // Non-strict delete of `ip,nw_dst=X` takes both the ip flow and the tcp flow to X (the wider match
+  // covers both); the priority of the request does not matter.
+  for (uint32_t i = 0; i < 1000; ++i) {
+    FlowMod del = ip_flow(i, OFPFC_DELETE);
+    del.table_id = OFPTT_ALL;
+    del.priority = 7;
+    ASSERT_TRUE(bridge_->apply_flow_mod(del));
+  }
+  EXPECT_EQ(bridge_->flow_count(), 10000u);
+  // Strict delete needs the exact priority: a wrong one deletes nothing.
+  FlowMod wrong = tcp_flow(1500, OFPFC_DELETE_STRICT);
+  wrong.priority = 99;
+  ASSERT_TRUE(bridge_->apply_flow_mod(wrong));
+  EXPECT_EQ(bridge_->flow_count(), 10000u);
+  for (uint32_t i = 1000; i < 2000; ++i) ASSERT_TRUE(bridge_->apply_flow_mod(tcp_flow(i, OFPFC_DELETE_STRICT)));
+  EXPECT_EQ(bridge_->flow_count(), 9000u);
+
+  // Non-strict modify of `ip,nw_dst=X` rewrites both flows to X, leaving the rest alone; a packet to
+  // X then follows the new actions.
+  for (uint32_t i = 2000; i < 3000; ++i) {
+    FlowMod mod = ip_flow(i, OFPFC_MODIFY);
+    mod.instructions.apply = {output(4)};
+    ASSERT_TRUE(bridge_->apply_flow_mod(mod));
+  }
+  EXPECT_EQ(bridge_->flow_count(), 9000u);
+  inject(0, test::ipv4_frame(kMacB, kMacA, 1, 0xac100000 | 2500, 6, 1234, 2500 % 1000 + 1));
+  EXPECT_EQ(sent(3), 1u);
+  EXPECT_EQ(sent(0) + sent(1) + sent(2), 0u);
+  clear_sent();
+  inject(0, test::ipv4_frame(kMacB, kMacA, 1, 0xac100000 | 3500, 6, 1234, 3500 % 1000 + 1));
+  EXPECT_EQ(sent(1), 1u);  // tcp flow 3500 (priority 100) loses to ip flow 3500 (priority 200): output 2
+  EXPECT_EQ(sent(3), 0u);
+  clear_sent();
+
+  // Hard timeouts: the 500 timed ip flows still there (i % 10 == 0 and i >= 1000) go, nothing else.
+  size_t before = bridge_->flow_count();
+  bridge_->expire_flows(Clock::now() + std::chrono::seconds(31));
+  EXPECT_EQ(bridge_->flow_count(), before - 500);
+
+  // Delete everything in one non-strict request.
+  FlowMod all = flow(0, {}, OFPFC_DELETE);
+  all.table_id = OFPTT_ALL;
+  ASSERT_TRUE(bridge_->apply_flow_mod(all));
+  EXPECT_EQ(bridge_->flow_count(), 0u);
+}
+
 TEST_F(BridgeTest, PolicingCapsRate) {
   add_normal();
   // 80 kbit/s, 8 kbit burst: 1000 bytes of burst; 60-byte frames -> 16 pass at once, then almost none.
@@ -331,6 +439,77 @@ TEST_F(BridgeTest, PolicingCapsRate) {
   EXPECT_LE(sent(1), 18u);
   EXPECT_GE(sent(1), 16u);
   EXPECT_GE(ports_[0]->counters.rx_dropped, 32u);
+}
+
+// A flow's meter drops what exceeds its band (here 10 packets of burst at 1 packet/s) before the flow's
+// actions run; the band counts the drops; deleting the meter deletes the flow.
+TEST_F(BridgeTest, MeterDropsOverItsBand) {
+  MeterMod bad;
+  bad.command = 0;
+  bad.meter_id = 0;
+  bad.flags = OFPMF_PKTPS;
+  bad.bands = {MeterBand{OFPMBT_DROP, 1, 0}};
+  EXPECT_EQ(bridge_->apply_meter_mod(bad).error().code, 2);  // meter 0 is invalid
+  FlowMod unknown = flow(10, {output(2)});
+  unknown.instructions.meter = 7;
+  EXPECT_EQ(bridge_->apply_flow_mod(unknown).error().type, OFPET_METER_MOD_FAILED);
+
+  MeterMod mm = bad;
+  mm.meter_id = 7;
+  mm.flags = OFPMF_PKTPS | OFPMF_BURST | OFPMF_STATS;
+  mm.bands = {MeterBand{OFPMBT_DROP, 1, 10}};
+  ASSERT_TRUE(bridge_->apply_meter_mod(mm));
+  EXPECT_EQ(bridge_->apply_meter_mod(mm).error().code, 1);  // exists
+  ASSERT_TRUE(bridge_->apply_flow_mod(unknown));
+  for (int i = 0; i < 50; ++i) ports_[0]->push_rx(test::ipv4_frame(kMacB, kMacA, 1, 2, 17, 1, 2));
+  bridge_->poll_ports_once();
+  bridge_->poll_ports_once();
+  EXPECT_EQ(sent(1), 10u);
+  const Meter* m = bridge_->meters().find(7);
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->packets_in(), 50u);
+  EXPECT_EQ(m->band_counters().at(0).packets, 40u);
+
+  // Modify: a kbps band far above the traffic lets everything through; counters stay.
+  mm.command = 1;
+  mm.flags = OFPMF_KBPS;
+  mm.bands = {MeterBand{OFPMBT_DROP, 1000000, 0}};
+  ASSERT_TRUE(bridge_->apply_meter_mod(mm));
+  clear_sent();
+  for (int i = 0; i < 20; ++i) ports_[0]->push_rx(test::ipv4_frame(kMacB, kMacA, 1, 2, 17, 1, 2));
+  bridge_->poll_ports_once();
+  EXPECT_EQ(sent(1), 20u);
+  EXPECT_EQ(m->packets_in(), 70u);
+
+  MeterMod del;
+  del.command = 2;
+  del.meter_id = OFPM_ALL;
+  ASSERT_TRUE(bridge_->apply_meter_mod(del));
+  EXPECT_EQ(bridge_->meters().find(7), nullptr);
+  EXPECT_EQ(bridge_->flow_count(), 0u);
+}
+
+TEST(MeterMod, DecodeRejectsWhatItCannotDo) {
+  auto decode = [](uint16_t flags, uint16_t band_type, uint32_t rate) {
+    MeterMod mm;
+    mm.meter_id = 1;
+    mm.flags = flags;
+    mm.bands = {MeterBand{band_type, rate, 0}};
+    std::vector<uint8_t> msg;
+    encode_meter_mod(msg, mm, 1);
+    return decode_meter_mod(msg);
+  };
+  EXPECT_TRUE(decode(OFPMF_KBPS, OFPMBT_DROP, 100));
+  EXPECT_EQ(decode(OFPMF_KBPS, 2, 100).error().code, 8);                   // dscp_remark: bad band
+  EXPECT_EQ(decode(OFPMF_KBPS, OFPMBT_DROP, 0).error().code, 6);           // rate 0
+  EXPECT_EQ(decode(OFPMF_KBPS | OFPMF_PKTPS, OFPMBT_DROP, 1).error().code, 5);  // both units
+  // A band cut short: the message (and its length field) ends 4 bytes into the band.
+  std::vector<uint8_t> full;
+  encode_meter_mod(full, MeterMod{0, OFPMF_KBPS, 1, {MeterBand{OFPMBT_DROP, 5, 0}}}, 1);
+  ASSERT_EQ(full.size(), 32u);
+  std::vector<uint8_t> truncated(full.begin(), full.begin() + 20);
+  truncated[3] = 20;
+  EXPECT_FALSE(decode_meter_mod(truncated));
 }
 
 TEST(MacTable, AgesAndLimits) {
