@@ -59,6 +59,22 @@ public:
     return nullptr;
   }
 
+  // Guest-physical address of [host, host + len), a range inside one region's mapping (what the
+  // translations above return); false if it is not. Used to log writes for live migration.
+  bool host_to_gpa(const uint8_t* host, uint64_t len, uint64_t& gpa) const {
+    const auto p = reinterpret_cast<uintptr_t>(host);
+    for (size_t i = 0; i < count_; ++i) {
+      const Region& r = regions_[i];
+      const auto base = reinterpret_cast<uintptr_t>(r.host);
+      uint64_t off = p - base;
+      if (p >= base && off <= r.size && len <= r.size - off) {
+        gpa = r.guest_phys_addr + off;
+        return true;
+      }
+    }
+    return false;
+  }
+
   size_t region_count() const { return count_; }
   const Region& region(size_t i) const { return regions_[i]; }
   bool empty() const { return count_ == 0; }
