@@ -1,8 +1,5 @@
 #include "vhost/dirty_log.h"
 
-#include <sys/mman.h>
-#include <sys/stat.h>
-
 namespace keel::vhost {
 
 Result<DirtyLog> DirtyLog::map(int fd, const LogDesc& desc) {
@@ -10,15 +7,9 @@ Result<DirtyLog> DirtyLog::map(int fd, const LogDesc& desc) {
   uint64_t map_size = desc.mmap_offset + desc.mmap_size;
   if (map_size < desc.mmap_offset)
     return fail_invalid("dirty log: offset {:#x} + size {:#x} wraps", desc.mmap_offset, desc.mmap_size);
-  struct stat st;
-  if (fstat(fd, &st) != 0) return fail_errno("fstat dirty log fd");
-  if (!S_ISREG(st.st_mode)) return fail_invalid("dirty log fd is not a regular file or memfd");
-  if (static_cast<uint64_t>(st.st_size) < map_size)
-    return fail_invalid("dirty log needs {:#x} bytes of its file, which has only {:#x}", map_size,
-                        static_cast<uint64_t>(st.st_size));
   // The offset need not be page aligned: map from the file's start and step in.
   DirtyLog log;
-  log.mapping_ = TRY(Mapping::map_fd(fd, map_size, 0, PROT_READ | PROT_WRITE, MAP_SHARED));
+  log.mapping_ = TRY(map_frontend_file(fd, map_size, "dirty log"));
   log.bits_ = log.mapping_.data() + desc.mmap_offset;
   log.size_ = desc.mmap_size;
   return log;

@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 #include "base/mapping.h"
 #include "base/result.h"
@@ -17,6 +18,11 @@
 #include "vhost/message.h"
 
 namespace keel::vhost {
+
+// Maps `size` bytes of `fd` (shared, read-write) from its start. The fd comes from the front-end:
+// it must be a regular file (memfd, hugetlbfs, tmpfs) at least `size` long, so no access through
+// the mapping can fault past its end. `what` names it in errors.
+Result<Mapping> map_frontend_file(int fd, uint64_t size, std::string_view what);
 
 class GuestMemory {
 public:

@@ -124,6 +124,16 @@ def ping_and_check(qemu, responder, keep_running, after=0):
     return received
 
 
+def responder_counters(responder, *others):
+    """Stops the responder (SIGTERM) and returns the counters it prints on the way out."""
+    responder.terminate()
+    m = responder.wait_for(r"^COUNTERS .*", 5)
+    if not m:
+        fail("responder printed no counters", responder, *others)
+    print(f"{responder.name}: {m.group(0)}")
+    return dict(kv.split("=") for kv in m.group(0).split()[1:])
+
+
 def run_case(args, mode):
     accel = accelerator(args.accel_cmd)
     with tempfile.TemporaryDirectory(prefix="keel-vhost-it-") as tmp:
@@ -164,12 +174,7 @@ def run_case(args, mode):
             q2.proc.wait(30)
             if not responder.alive():
                 fail("responder died", responder)
-            responder.terminate()
-            m = responder.wait_for(r"^COUNTERS .*", 5)
-            if not m:
-                fail("responder printed no counters", responder)
-            print(f"responder: {m.group(0)}")
-            counters = dict(kv.split("=") for kv in m.group(0).split()[1:])
+            counters = responder_counters(responder)
             if int(counters["connections"]) < 2:
                 fail("responder did not serve two connections", responder)
             if int(counters["echo_replies"]) < 4 or int(counters["device_errors"]) != 0:
@@ -211,12 +216,7 @@ def run_backend_restart(args):
             if not r2.wait_for(r"^LINK up", 30):
                 fail("QEMU did not reconnect to the new back-end", q, r2)
             ping_and_check(q, r2, keep_running=False, after=first)
-            r2.terminate()
-            m = r2.wait_for(r"^COUNTERS .*", 5)
-            if not m:
-                fail("responder printed no counters", r2)
-            print(f"responder2: {m.group(0)}")
-            counters = dict(kv.split("=") for kv in m.group(0).split()[1:])
+            counters = responder_counters(r2)
             if int(counters["echo_replies"]) < 2 or int(counters["device_errors"]) != 0:
                 fail("unexpected responder counters", r2, q)
         finally:
@@ -280,12 +280,7 @@ def run_live_migrate(args):
                 fail("the restored guest stopped reaching the back-end", q2, responder)
             print(f"vm2: restored guest pings after {time.monotonic() - q2.start:.1f}s")
             q2.kill()
-            responder.terminate()
-            m = responder.wait_for(r"^COUNTERS .*", 5)
-            if not m:
-                fail("responder printed no counters", responder)
-            print(f"responder: {m.group(0)}")
-            counters = dict(kv.split("=") for kv in m.group(0).split()[1:])
+            counters = responder_counters(responder)
             if int(counters["connections"]) < 2 or int(counters["device_errors"]) != 0:
                 fail("unexpected responder counters", responder)
         finally:
