@@ -28,8 +28,10 @@ void DirtyLog::mark_gpa(uint64_t gpa, uint64_t len) {
     }
     uint8_t bit = static_cast<uint8_t>(1u << (page % 8));
     uint8_t* byte = bits_ + page / 8;
-    // A plain load first: a page dirtied again (the common case) costs no locked instruction.
-    if ((__atomic_load_n(byte, __ATOMIC_RELAXED) & bit) == 0) __atomic_fetch_or(byte, bit, __ATOMIC_RELAXED);
+    // Always the atomic OR, with release order: the guest-memory write it follows must be visible
+    // before the bit is. Skipping it when the bit looks set would race with QEMU clearing the word
+    // (it could read the page before our write lands, then find the bit clear).
+    __atomic_fetch_or(byte, bit, __ATOMIC_RELEASE);
   }
 }
 

@@ -4,7 +4,8 @@
 // While VHOST_F_LOG_ALL is negotiated, every write the back-end makes into guest memory must set
 // the bit of each 4 KiB guest-physical page it touched, so QEMU sends those pages again. The log is
 // a bitmap shared with QEMU (bit n of byte n / 8 for page n, which is bit n of the little-endian
-// u64 words QEMU reads); QEMU clears words while we set bits, so bits are set with atomic ORs.
+// u64 words QEMU reads); QEMU clears words while we set bits, so bits are set with atomic ORs,
+// each after the write it records.
 //
 // One thread (the data path's) marks pages; the mapping is replaced only between data-path runs.
 #pragma once

@@ -263,6 +263,10 @@ def run_live_migrate(args):
             print(f"vm1: migrated: {ram.get('transferred', 0) >> 20} MiB, "
                   f"{ram.get('dirty-sync-count', 0)} dirty syncs, {ram.get('normal', 0)} normal pages")
             qmp.close()
+            # More than the first and the final sync: the guest ran (and the back-end wrote) while
+            # pages were being sent, and the log told QEMU what to send again.
+            if ram.get("dirty-sync-count", 0) < 3:
+                fail(f"the migration did not iterate: {info}", q1, responder)
             if not responder.wait_for(r"dirty-page logging on", 5):
                 fail("the back-end was never asked to log dirty pages", responder)
             q1.kill()
