@@ -359,7 +359,8 @@ Result<void> DomainManager::attach(const std::string& name, pid_t pid) {
   return ok();
 }
 
-Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming) {
+Result<void> DomainManager::launch(DomainRecord& rec, bool paused, LaunchFrom from) {
+  const bool incoming = from != LaunchFrom::Fresh;
   auto def = TRY(qemu::domain_from_json(rec.definition));
   // Devices hot-plugged into the last run are part of the definition already.
   TRY(resolve_disks(def));
@@ -406,6 +407,7 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   lc.sandbox = cfg_.sandbox;
   lc.start_paused = paused;
   lc.incoming_defer = incoming;
+  lc.shared_memory = from == LaunchFrom::SavedSharedRam;
   // Each NIC's switch port or tap is named like the tap (delete_tap removes either).
   std::vector<std::string> ports;
   auto cleanup_taps = [&] {
@@ -418,9 +420,8 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
     std::string port = tap_name(def.uuid, n.id);
     qemu::NicBackend backend;
     Result<void> made = ok();
-    // A restored guest keeps taps: its saved RAM is private memory (QEMU cannot save a guest with a
-    // vhost-user NIC: keel-switch does no dirty logging), which a memfd backend could not load.
-    if (n.kind == qemu::NicKind::Network && networks_.vhost_user_nics() && !incoming) {
+    // A guest saved with private RAM is restored on taps: the switch could not map its memory.
+    if (n.kind == qemu::NicKind::Network && networks_.vhost_user_nics() && from != LaunchFrom::SavedPrivateRam) {
       backend.type = qemu::NicBackendType::VhostUser;
       auto socket = fresh_vhost_socket(dir, n.id);
       if (socket) {
@@ -463,7 +464,7 @@ Result<void> DomainManager::launch(DomainRecord& rec, bool paused, bool incoming
   rec.live = json::object();
   rec.live["owners"] = owners;
   // Whether a NIC hot-plugged later can be vhost-user (the switch needs guest memory it can map).
-  rec.live["shared_memory"] = shared_memory || def.hugepages;
+  rec.live["shared_memory"] = shared_memory || lc.shared_memory || def.hugepages;
   rec.live["nics"] = nic_hosts;
   TRY(store_.update_domain(rec));
   auto attached = attach(rec.name, *pid);
@@ -479,7 +480,7 @@ Result<void> DomainManager::start(const std::string& name, bool paused) {
   std::lock_guard lock(mutex_);
   auto rec = TRY(get(name));
   if (running_.count(name) || rec.pid != 0) return fail(EBUSY, fmt::format("domain '{}' is already running", name));
-  TRY(launch(rec, paused, false));
+  TRY(launch(rec, paused));
   events_.publish("lifecycle", name, "started", {{"paused", paused}});
   return ok();
 }
@@ -596,7 +597,7 @@ Result<void> DomainManager::reboot(const std::string& name) {
     TRY(wait_gone(name, pid, 5s));
     cleanup_after_stop(name, pid, "rebooting");
     rec = TRY(get(name));
-    TRY(launch(rec, false, false));
+    TRY(launch(rec, false));
     events_.publish("lifecycle", name, "rebooted", {{"restarted", true}});
     return ok();
   }
@@ -651,7 +652,10 @@ Result<void> DomainManager::save(const std::string& name, const std::string& fil
   };
   // Header: magic, the definition (with what was hot-plugged) and whether it ran; then QEMU's
   // migration stream.
-  json header = {{"definition", rec.definition}, {"running", rec.state == "running"}};
+  // shared_memory: the restore must give QEMU the same RAM backend (a memfd for vhost-user NICs).
+  json header = {{"definition", rec.definition},
+                 {"running", rec.state == "running"},
+                 {"shared_memory", rec.live.value("shared_memory", false)}};
   std::string h = fmt::format("{}\n{}\n", kSaveMagic, header.dump());
   if (auto w = write_all(fd->get(), h.data(), h.size()); !w) return fail_cleanup(w.error());
   if (rec.state == "running")
@@ -702,7 +706,10 @@ Result<std::string> DomainManager::restore(const std::string& file) {
     TRY(store_.insert_domain(rec));
   }
   TRY(store_.update_domain(rec));
-  TRY(launch(rec, false, true));
+  // Saves from before this field existed were all of private RAM (a vhost-user guest could not be
+  // saved then).
+  TRY(launch(rec, false,
+             header.value("shared_memory", false) ? LaunchFrom::SavedSharedRam : LaunchFrom::SavedPrivateRam));
   auto* r = TRY(running(def.name));
   auto incoming = [&]() -> Result<void> {
     TRY(r->qmp->execute("getfd", {{"fdname", "keel-restore"}}, 30s, fd.get()));

@@ -88,7 +88,12 @@ private:
   Result<DomainRecord> get(const std::string& name);
   Result<void> check_host_resources(const qemu::DomainDef& def);
   Result<void> resolve_disks(qemu::DomainDef& def);
-  Result<void> launch(DomainRecord& rec, bool paused, bool incoming);
+  // How a launch starts the guest: afresh, or waiting for a saved migration stream (restore),
+  // whose guest RAM was private memory or a shared memfd. QEMU loads a stream only into the same
+  // RAM layout, so a restore follows what was saved: shared RAM gets vhost-user NICs (when keeld
+  // makes them), private RAM keeps taps.
+  enum class LaunchFrom { Fresh, SavedPrivateRam, SavedSharedRam };
+  Result<void> launch(DomainRecord& rec, bool paused, LaunchFrom from = LaunchFrom::Fresh);
   Result<void> attach(const std::string& name, pid_t pid);
   Result<Running*> running(const std::string& name);
   void on_qemu_exit(const std::string& name, pid_t pid);

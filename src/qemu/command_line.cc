@@ -108,17 +108,18 @@ Result<std::vector<std::string>> build_command_line(const DomainDef& def, const 
 
   add({cfg.qemu_binary, "-name", fmt::format("guest={},debug-threads=on", def.name), "-uuid", def.uuid});
   add({"-nodefaults", "-no-user-config", "-msg", "timestamp=on"});
-  bool vhost_user = std::any_of(cfg.nic_backends.begin(), cfg.nic_backends.end(),
-                                [](const NicBackend& b) { return b.type == NicBackendType::VhostUser; });
+  bool shared_memory = cfg.shared_memory ||
+                       std::any_of(cfg.nic_backends.begin(), cfg.nic_backends.end(),
+                                   [](const NicBackend& b) { return b.type == NicBackendType::VhostUser; });
   std::string machine = fmt::format("{},mem-merge={}", def.machine, def.ksm ? "on" : "off");
-  if (def.hugepages || vhost_user) machine += ",memory-backend=mem0";
+  if (def.hugepages || shared_memory) machine += ",memory-backend=mem0";
   add({"-machine", machine, "-accel", std::string(accel_name(cfg.accel))});
   add({"-cpu", cpu_option(def, cfg)});
   uint64_t mib = def.memory_bytes >> 20;
   add({"-m", fmt::format("{}M", mib)});
   if (def.hugepages)
     add({"-object", fmt::format("memory-backend-file,id=mem0,size={}M,mem-path=/dev/hugepages,share=on,prealloc=on", mib)});
-  else if (vhost_user)
+  else if (shared_memory)
     // keel-switch maps guest memory to reach the virtqueues: it must be a shared file (a memfd).
     add({"-object", fmt::format("memory-backend-memfd,id=mem0,size={}M,share=on", mib)});
   add({"-smp", fmt::format("{},sockets=1,cores={},threads=1", def.vcpus, def.vcpus)});

@@ -42,6 +42,9 @@ struct LaunchConfig {
   // Per NIC of kind Network/Bridge, in order: how keeld connected it. Guest memory becomes a shared
   // memfd when any of them is vhost-user (the switch maps it).
   std::vector<NicBackend> nic_backends;
+  // Guest memory is a shared memfd even without vhost-user NICs: restoring a guest saved with
+  // them (the migration stream only loads into the same RAM backend).
+  bool shared_memory = false;
   // Empty PCIe root ports for hot-plug (q35 cannot hot-plug onto pcie.0).
   int hotplug_ports = 4;
 };

@@ -229,6 +229,8 @@ void VhostUserBackend::reset_device() {
   }
   update_ready_states();
   memory_ = GuestMemory();
+  log_ = DirtyLog();
+  active_log_ = nullptr;
   features_ = 0;
   protocol_features_ = 0;
   features_set_ = false;
@@ -457,10 +459,21 @@ void VhostUserBackend::watch_kick(uint32_t index) {
   if (index < 64) kicked_ |= 1ull << index;
 }
 
+void VhostUserBackend::apply_dirty_log() {
+  bool logging = (features_ & feature_bit(kFeatureLogAll)) && log_.mapped();
+  if (logging != (active_log_ != nullptr))
+    KEEL_LOG_INFO("vhost-user {}: dirty-page logging {}", options_.socket_path, logging ? "on" : "off");
+  active_log_ = logging ? &log_ : nullptr;
+  for (auto& q : queues_) q.set_dirty_log(active_log_);
+}
+
 Result<void> VhostUserBackend::dispatch(const DecodedMessage& m) {
-  const uint64_t offered = device_.device_features() | feature_bit(kFeatureProtocolFeatures);
+  const bool dirty_log = device_.supports_dirty_log();
+  const uint64_t offered = device_.device_features() | feature_bit(kFeatureProtocolFeatures) |
+                           (dirty_log ? feature_bit(kFeatureLogAll) : 0);
   const uint64_t offered_protocol = feature_bit(kProtocolMq) | feature_bit(kProtocolReplyAck) |
-                                    (device_.has_config() ? feature_bit(kProtocolConfig) : 0);
+                                    (device_.has_config() ? feature_bit(kProtocolConfig) : 0) |
+                                    (dirty_log ? feature_bit(kProtocolLogShmfd) : 0);
 
   switch (m.request()) {
     case Request::GetFeatures:
@@ -477,6 +490,8 @@ Result<void> VhostUserBackend::dispatch(const DecodedMessage& m) {
         if (!(features_ & feature_bit(kFeatureProtocolFeatures))) q.set_enabled(true);
       }
       device_.on_features(features_);
+      // QEMU turns LOG_ALL on when a migration starts and off when it ends or fails.
+      apply_dirty_log();
       return ok();
     }
 
@@ -519,6 +534,8 @@ Result<void> VhostUserBackend::dispatch(const DecodedMessage& m) {
     case Request::SetVringAddr: {
       VirtQueue* q = TRY(queue_for(m.addr.index, "SET_VRING_ADDR"));
       q->set_addresses(m.addr);
+      // The ring's log flag may have changed (QEMU sets it when migration starts).
+      q->set_dirty_log(active_log_);
       return q->map(memory_);
     }
 
@@ -593,11 +610,18 @@ Result<void> VhostUserBackend::dispatch(const DecodedMessage& m) {
       if (auto r = device_.write_config(m.config.offset, m.config_data); !r) return refuse("SET_CONFIG");
       return ok();
 
-    case Request::SetLogBase:
-      // We never offer VHOST_F_LOG_ALL or LOG_SHMFD, so there is no dirty log to set up; the reply
-      // tells the front-end so (live migration with this back-end is not supported).
-      TRY(send_u64_reply(m.header.request, 1));
-      return refuse("SET_LOG_BASE");
+    case Request::SetLogBase: {
+      // Only the shared-memory log exists (the fd comes with the message), and only if we offered it.
+      if (!(protocol_features_ & feature_bit(kProtocolLogShmfd)))
+        return fail_invalid("SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD");
+      // A new log (QEMU resizes it when the memory table grows) replaces the old one at once;
+      // queues point at log_, so they follow.
+      log_ = TRY(DirtyLog::map(fds_[0].get(), m.log));
+      apply_dirty_log();
+      KEEL_LOG_DEBUG("vhost-user: dirty log of {} bytes", m.log.mmap_size);
+      // The front-end waits for a reply without payload before it relies on the log.
+      return send_reply(m.header.request, {});
+    }
 
     default:
       return refuse(request_name(m.header.request));

@@ -23,6 +23,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "vhost/dirty_log.h"
 #include "vhost/guest_memory.h"
 #include "vhost/message.h"
 #include "vhost/virtqueue.h"
@@ -59,6 +60,10 @@ public:
   virtual void quiesce() {}
   // The connection went away (the device's queues are already reset).
   virtual void on_disconnect() {}
+  // Devices that mark every buffer they write for the guest in the backend's dirty_log() say so;
+  // the backend then offers VHOST_F_LOG_ALL and VHOST_USER_PROTOCOL_F_LOG_SHMFD, which QEMU needs
+  // to migrate (or save) the guest. The used rings are logged by the backend's queues.
+  virtual bool supports_dirty_log() const { return false; }
   // Devices whose config space lives in the back-end (vhost-user-blk: capacity, geometry...) say so
   // here; the backend then offers VHOST_USER_PROTOCOL_F_CONFIG. virtio-net leaves it to QEMU.
   virtual bool has_config() const { return false; }
@@ -100,6 +105,9 @@ public:
   uint64_t features() const { return features_; }
   uint64_t protocol_features() const { return protocol_features_; }
   const GuestMemory& memory() const { return memory_; }
+  // The dirty-page log while the front-end has VHOST_F_LOG_ALL on (it is migrating the guest) and
+  // has given one; nullptr otherwise. A device marks every guest buffer it writes in it.
+  DirtyLog* dirty_log() { return active_log_; }
   VirtQueue& queue(uint32_t index) { return queues_[index]; }
   uint32_t queue_count() const { return static_cast<uint32_t>(queues_.size()); }
   const BackendCounters& counters() const { return counters_; }
@@ -134,6 +142,8 @@ private:
   void update_ready_states();
   void watch_kick(uint32_t index);
   Result<void> arm_reconnect_timer(bool armed);
+  // Turns logging on or off everywhere after LOG_ALL, the log or a ring's log flag changed.
+  void apply_dirty_log();
 
   VhostDevice& device_;
   BackendOptions options_;
@@ -144,6 +154,8 @@ private:
   UniqueFd wake_;   // eventfd behind wake()
 
   GuestMemory memory_;
+  DirtyLog log_;
+  DirtyLog* active_log_ = nullptr;  // &log_ while logging
   std::vector<VirtQueue> queues_;
   std::vector<bool> ready_;
   uint64_t features_ = 0;

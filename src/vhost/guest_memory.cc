@@ -5,6 +5,16 @@
 
 namespace keel::vhost {
 
+Result<Mapping> map_frontend_file(int fd, uint64_t size, std::string_view what) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return fail_errno(fmt::format("fstat {} fd", what));
+  if (!S_ISREG(st.st_mode)) return fail_invalid("{} fd is not a regular file or memfd", what);
+  if (static_cast<uint64_t>(st.st_size) < size)
+    return fail_invalid("{} needs {:#x} bytes of its file, which has only {:#x}", what, size,
+                        static_cast<uint64_t>(st.st_size));
+  return Mapping::map_fd(fd, size, 0, PROT_READ | PROT_WRITE, MAP_SHARED);
+}
+
 Result<GuestMemory> GuestMemory::map(std::span<const MemRegionDesc> regions,
                                      std::span<const UniqueFd> fds) {
   if (regions.size() != fds.size())
@@ -29,15 +39,8 @@ Result<void> GuestMemory::add_region(int fd, const MemRegionDesc& desc) {
       return fail_invalid("memory region at gpa {:#x} overlaps another", desc.guest_phys_addr);
   }
 
-  struct stat st;
-  if (fstat(fd, &st) != 0) return fail_errno("fstat memory region fd");
-  if (!S_ISREG(st.st_mode)) return fail_invalid("memory region fd is not a regular file or memfd");
-  if (static_cast<uint64_t>(st.st_size) < map_size)
-    return fail_invalid("memory region needs {:#x} bytes of its file, which has only {:#x}", map_size,
-                        static_cast<uint64_t>(st.st_size));
-
   // mmap_offset need not be page aligned, so map from the file's start and step in.
-  Mapping mapping = TRY(Mapping::map_fd(fd, map_size, 0, PROT_READ | PROT_WRITE, MAP_SHARED));
+  Mapping mapping = TRY(map_frontend_file(fd, map_size, "memory region"));
   Region& r = regions_[count_];
   r.guest_phys_addr = desc.guest_phys_addr;
   r.size = desc.memory_size;

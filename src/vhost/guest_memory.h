@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 #include "base/mapping.h"
 #include "base/result.h"
@@ -17,6 +18,11 @@
 #include "vhost/message.h"
 
 namespace keel::vhost {
+
+// Maps `size` bytes of `fd` (shared, read-write) from its start. The fd comes from the front-end:
+// it must be a regular file (memfd, hugetlbfs, tmpfs) at least `size` long, so no access through
+// the mapping can fault past its end. `what` names it in errors.
+Result<Mapping> map_frontend_file(int fd, uint64_t size, std::string_view what);
 
 class GuestMemory {
 public:
@@ -57,6 +63,22 @@ public:
       if (uva >= r.user_addr && off <= r.size && len <= r.size - off) return r.host + off;
     }
     return nullptr;
+  }
+
+  // Guest-physical address of [host, host + len), a range inside one region's mapping (what the
+  // translations above return); false if it is not. Used to log writes for live migration.
+  bool host_to_gpa(const uint8_t* host, uint64_t len, uint64_t& gpa) const {
+    const auto p = reinterpret_cast<uintptr_t>(host);
+    for (size_t i = 0; i < count_; ++i) {
+      const Region& r = regions_[i];
+      const auto base = reinterpret_cast<uintptr_t>(r.host);
+      uint64_t off = p - base;
+      if (p >= base && off <= r.size && len <= r.size - off) {
+        gpa = r.guest_phys_addr + off;
+        return true;
+      }
+    }
+    return false;
   }
 
   size_t region_count() const { return count_; }

@@ -209,6 +209,15 @@ Result<DecodedMessage> decode_message(const MessageHeader& header, std::span<con
     }
 
     case Request::SetLogBase:
+      TRY(need_size(m, sizeof(LogDesc)));
+      TRY(need_fds(m, num_fds, 1));
+      m.log = load<LogDesc>(payload);
+      if (m.log.mmap_size == 0) return fail_invalid("vhost-user SET_LOG_BASE: empty log");
+      if (m.log.mmap_offset + m.log.mmap_size < m.log.mmap_offset)
+        return fail_invalid("vhost-user SET_LOG_BASE: offset {:#x} + size {:#x} wraps", m.log.mmap_offset,
+                            m.log.mmap_size);
+      return m;
+
     case Request::SetLogFd:
     case Request::SetBackendReqFd:
       // Carry at most one fd; we refuse them, the caller closes what came.

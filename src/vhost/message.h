@@ -130,6 +130,19 @@ struct MemRegionDesc {
 };
 static_assert(sizeof(MemRegionDesc) == 32);
 
+// SET_LOG_BASE payload: where in the fd that comes with it the dirty log lives.
+struct LogDesc {
+  uint64_t mmap_size;
+  uint64_t mmap_offset;
+};
+static_assert(sizeof(LogDesc) == 16);
+
+// SET_VRING_ADDR flags: log_guest_addr is valid and writes to the used ring are to be logged.
+inline constexpr uint32_t kVringFLog = 1u << 0;
+
+// Feature bit in GET/SET_FEATURES: log every write to guest memory (set while migrating).
+inline constexpr int kFeatureLogAll = 26;
+
 struct MemTableHeader {
   uint32_t nregions;
   uint32_t padding;
@@ -147,6 +160,7 @@ struct DecodedMessage {
   bool vring_has_fd = false;     // SET_VRING_KICK/CALL/ERR: false when the no-fd flag was set
   uint32_t nregions = 0;         // SET_MEM_TABLE
   MemRegionDesc regions[kMaxMemRegions]{};
+  LogDesc log{};                 // SET_LOG_BASE (size non-zero, offset + size does not wrap)
   ConfigHeader config{};         // GET_CONFIG / SET_CONFIG
   std::span<const uint8_t> config_data;  // SET_CONFIG: points into the decoded payload
 

@@ -38,6 +38,17 @@ size_t write_stream(std::span<const BufferSegment> segments, const uint8_t* head
   return written;
 }
 
+// Live migration: marks the first `bytes` bytes of `segments` (what write_stream() filled) dirty.
+void log_written(DirtyLog& log, const GuestMemory& memory, std::span<const BufferSegment> segments,
+                 size_t bytes) {
+  for (const BufferSegment& seg : segments) {
+    if (bytes == 0) break;
+    size_t n = std::min<size_t>(seg.len, bytes);
+    log.mark_host(memory, seg.data, n);
+    bytes -= n;
+  }
+}
+
 }  // namespace
 
 VhostNetPort::VhostNetPort(VhostNetOptions options) : options_(std::move(options)) {}
@@ -214,6 +225,7 @@ size_t VhostNetPort::receive_batch(RxBatch& batch) {
 
 bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
   const GuestMemory& memory = backend_->memory();
+  DirtyLog* const log = backend_->dirty_log();  // non-null only while the guest is migrating
   VirtioNetHdr header{};
   const size_t need = header_size_ + frame.size();
   auto* header_bytes = reinterpret_cast<uint8_t*>(&header);
@@ -236,6 +248,8 @@ bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
       return false;
     }
     write_stream(chain_.writable(), header_bytes, header_size_, frame, 0);
+    if (log != nullptr) [[unlikely]]
+      log_written(*log, memory, chain_.writable(), need);
     q.push_used(chain_.head, static_cast<uint32_t>(need));
     return true;
   }
@@ -278,6 +292,9 @@ bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
       }
     }
     size_t n = write_stream(chain_.writable(), header_bytes, header_size_, frame, pos);
+    // Logged even if the frame is dropped later (unpop): the bytes in guest memory changed.
+    if (log != nullptr) [[unlikely]]
+      log_written(*log, memory, chain_.writable(), n);
     pos += n;
     merge_heads_[count] = chain_.head;
     merge_lens_[count] = static_cast<uint32_t>(n);

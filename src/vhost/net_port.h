@@ -156,6 +156,7 @@ private:
   uint64_t device_features() const override;
   uint32_t max_queues() const override { return 2u * options_.queue_pairs; }
   void on_features(uint64_t features) override;
+  bool supports_dirty_log() const override { return true; }
   void on_queue_ready(uint32_t index, bool ready) override;
   void quiesce() override { release(); }
   void on_disconnect() override;

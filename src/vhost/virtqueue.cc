@@ -91,11 +91,12 @@ void VirtQueue::set_kicks_wanted(bool wanted) {
   if (event_idx_) {
     // The guest kicks when its index passes avail_event; pointing it at what we have consumed asks
     // for the next one, leaving it behind asks for none (until the index wraps around).
-    if (wanted) store_relaxed(reinterpret_cast<uint16_t*>(used_ + 4 + 8ull * size_), last_avail_idx_);
+    if (wanted) store_avail_event(last_avail_idx_);
     store_relaxed(used_flags, 0);
   } else {
     store_relaxed(used_flags, wanted ? 0 : kUsedFNoNotify);
   }
+  log_used(0, sizeof(uint16_t));
   std::atomic_thread_fence(std::memory_order_seq_cst);
 }
 
@@ -131,7 +132,7 @@ VirtQueue::PopStatus VirtQueue::pop(const GuestMemory& memory, DescChain& chain)
       if (!event_idx_ || !kicks_wanted_) return PopStatus::Empty;
       // Ask for a kick on the next buffer, then look again: the guest may have added one after our
       // read and before it could see the new avail_event.
-      store_relaxed(reinterpret_cast<uint16_t*>(used_ + 4 + 8ull * size_), last_avail_idx_);
+      store_avail_event(last_avail_idx_);
       std::atomic_thread_fence(std::memory_order_seq_cst);
       shadow_avail_idx_ = load_acquire(&avail_[1]);
       if (shadow_avail_idx_ == last_avail_idx_) return PopStatus::Empty;
@@ -146,8 +147,7 @@ VirtQueue::PopStatus VirtQueue::pop(const GuestMemory& memory, DescChain& chain)
   PopStatus status = walk_chain(memory, head, chain);
   if (status != PopStatus::Chain) return status;
   ++last_avail_idx_;
-  if (event_idx_ && kicks_wanted_)
-    store_relaxed(reinterpret_cast<uint16_t*>(used_ + 4 + 8ull * size_), last_avail_idx_);
+  if (event_idx_ && kicks_wanted_) store_avail_event(last_avail_idx_);
   return PopStatus::Chain;
 }
 
@@ -241,16 +241,24 @@ VirtQueue::PopStatus VirtQueue::walk_chain(const GuestMemory& memory, uint16_t h
   }
 }
 
+void VirtQueue::store_avail_event(uint16_t value) {
+  const uint64_t offset = 4 + 8ull * size_;
+  store_relaxed(reinterpret_cast<uint16_t*>(used_ + offset), value);
+  log_used(offset, sizeof(uint16_t));
+}
+
 void VirtQueue::push_used(uint16_t head, uint32_t written_len) {
-  uint8_t* elem = used_ + 4 + 8ull * (used_idx_ & (size_ - 1));
+  const uint64_t offset = 4 + 8ull * (used_idx_ & (size_ - 1));
   VringUsedElem e{head, written_len};
-  std::memcpy(elem, &e, sizeof e);
+  std::memcpy(used_ + offset, &e, sizeof e);
+  log_used(offset, sizeof e);
   ++used_idx_;
 }
 
 void VirtQueue::publish_used() {
   if (!mapped_ || used_idx_ == published_used_idx_) return;
   store_release(reinterpret_cast<uint16_t*>(used_ + 2), used_idx_);
+  log_used(2, sizeof(uint16_t));
   published_used_idx_ = used_idx_;
 }
 

@@ -18,6 +18,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "vhost/dirty_log.h"
 #include "vhost/guest_memory.h"
 #include "vhost/message.h"
 
@@ -153,11 +154,23 @@ public:
   // costs the guest no notification. Applied through EVENT_IDX or the NO_NOTIFY flag.
   void set_kicks_wanted(bool wanted);
 
+  // Live migration: while `log` is set (VHOST_F_LOG_ALL negotiated and a log mapped), every write
+  // to the used ring marks its pages in `log`, at the guest-physical address SET_VRING_ADDR gave
+  // (log_guest_addr, when its VHOST_VRING_F_LOG flag is set). nullptr turns logging off.
+  void set_dirty_log(DirtyLog* log) { log_ = (log != nullptr && (addr_.flags & kVringFLog)) ? log : nullptr; }
+  bool logging() const { return log_ != nullptr; }
+
   // Marks the queue broken (a device error) and signals the error fd.
   void mark_broken(std::string reason);
 
 private:
   PopStatus walk_chain(const GuestMemory& memory, uint16_t head, DescChain& chain);
+  // Called after every write to the used ring: [offset, offset + len) of it changed.
+  void log_used(uint64_t offset, uint64_t len) {
+    if (log_ != nullptr) [[unlikely]]
+      log_->mark_gpa(addr_.log_guest_addr + offset, len);
+  }
+  void store_avail_event(uint16_t value);
 
   uint32_t size_ = 0;
   VringAddr addr_{};
@@ -182,6 +195,7 @@ private:
   uint16_t signalled_used_ = 0;
   bool signalled_valid_ = false;
 
+  DirtyLog* log_ = nullptr;  // owned by the backend; set only while logging
   UniqueFd kick_;
   UniqueFd call_;
   UniqueFd err_;

@@ -20,8 +20,8 @@ def state(i, n):
     return struct.pack("<II", i, n)
 
 
-def addr(i, desc, used, avail):
-    return struct.pack("<IIQQQQ", i, 0, desc, used, avail, 0)
+def addr(i, desc, used, avail, flags=0, log=0):
+    return struct.pack("<IIQQQQ", i, flags, desc, used, avail, log)
 
 
 def mem_table(regions):
@@ -35,8 +35,12 @@ UVA = 0x7f0000000000
 FEATURES = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 27) | (1 << 16) | (1 << 15) | (1 << 22) | (1 << 30)
 
 
-def handshake(queues=4):
-    out = msg(1) + msg(15) + msg(16, u64(0b1001)) + msg(17) + msg(3) + msg(2, u64(FEATURES))
+LOG_ALL = 1 << 26
+PROTOCOL_LOG = 0b1011  # MQ, LOG_SHMFD, REPLY_ACK
+
+
+def handshake(queues=4, protocol=0b1001):
+    out = msg(1) + msg(15) + msg(16, u64(protocol)) + msg(17) + msg(3) + msg(2, u64(FEATURES))
     out += msg(5, mem_table([(0, 128 << 10, UVA, 0)]), V | NEED_REPLY)
     for q in range(queues):
         base = q * 0x8000
@@ -44,6 +48,19 @@ def handshake(queues=4):
         out += msg(9, addr(q, UVA + base, UVA + base + 0x2000, UVA + base + 0x1000))
         out += msg(12, u64(q)) + msg(13, u64(q)) + msg(14, u64(q)) + msg(18, state(q, 1))
     return out
+
+
+def log_base(size, offset):
+    return msg(6, u64(size) + u64(offset))
+
+
+def migration(log_size):
+    # What QEMU sends when a migration starts and ends: the log, LOG_ALL, the rings' log flags.
+    out = handshake(2, PROTOCOL_LOG) + log_base(log_size, 0) + msg(2, u64(FEATURES | LOG_ALL), V | NEED_REPLY)
+    for q in range(2):
+        base = q * 0x8000
+        out += msg(9, addr(q, UVA + base, UVA + base + 0x2000, UVA + base + 0x1000, 1, base + 0x2000))
+    return out + msg(2, u64(FEATURES), V | NEED_REPLY)
 
 
 MESSAGES = {
@@ -66,7 +83,14 @@ MESSAGES = {
     "ring_addr_outside": handshake(0) + msg(8, state(0, 256)) + msg(9, addr(0, 0x400, 0x600, 0x3000)),
     "kick_unknown_bits": msg(12, u64(1 << 40)),
     "unknown_request": msg(77, b"abc", V | NEED_REPLY),
-    "log_base": msg(6, u64(0x1000) + u64(0)),
+    "log_base": log_base(0x1000, 0),
+    "migration": migration(0x100),
+    "migration_log_too_small": migration(1),
+    "log_base_past_file": handshake(0, PROTOCOL_LOG) + log_base(1 << 20, 0x10),
+    "log_base_wraps": handshake(0, PROTOCOL_LOG) + log_base(0x1000, 0xfffffffffffffff0),
+    "log_base_empty": handshake(0, PROTOCOL_LOG) + log_base(0, 0),
+    "log_base_short": handshake(0, PROTOCOL_LOG) + msg(6, u64(0x1000)),
+    "log_all_unoffered_protocol": handshake(0) + log_base(0x100, 0),
     "enable_bad_value": msg(18, state(0, 7)),
     "truncated": msg(9, addr(0, 1, 2, 3))[:30],
     "unoffered_feature": msg(2, u64(1)),

@@ -100,7 +100,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     int nfds = fds_for(h, payload, plen);
     int fds[kMaxFds];
     for (int i = 0; i < nfds; ++i) {
-      if (static_cast<Request>(h.request) == Request::SetMemTable) {
+      auto request = static_cast<Request>(h.request);
+      if (request == Request::SetMemTable || request == Request::SetLogBase) {
         fds[i] = memfd.get();
       } else {
         eventfds.emplace_back(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));

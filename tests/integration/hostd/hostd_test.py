@@ -222,8 +222,9 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
     listens on a socket in the VM's runtime dir, guest memory is a shared memfd) or taps read by
     AF_PACKET (--switch-nic tap, the default). keeld restarts (the tap case: into vhost-user mode); the ports and sockets stay.
     A NIC hot-plugged then is of the guests' kind (a tap guest's memory is private, so it stays on
-    taps) and its port goes when it is unplugged. A vhost-user guest cannot be saved (clear error); a
-    tap guest saves and restores on taps. keel-switch is killed and started again by keeld: the
+    taps) and its port goes when it is unplugged. A vhost-user guest saves and restores on vhost-user
+    (keel-switch logs dirty pages; the RAM stays a shared memfd); a tap guest saves and restores on
+    taps. keel-switch is killed and started again by keeld: the
     guests' ports come back and carry pings. destroy removes the guest's ports."""
     # QEMU as nobody: keeld must leave the vhost-user socket where an unprivileged QEMU can make it.
     extra = ["--network-backend", backend, "--qemu-user", "nobody"]
@@ -345,27 +346,24 @@ def t_network(args, backend="switch", switch_nic="vhost-user"):
             check(not os.path.exists(os.path.join(k.state, "run", "nb", f"{hot_id}.vhost")), "socket left after unplug")
             out = k.console_run("nb", "cat /sys/class/net/*/address", "NU")
             check(hot_mac not in out.replace("cat /sys", ""), f"unplugged NIC still in nb: {out}")
-            if switch_nic == "vhost-user":
-                # QEMU refuses to migrate (save) a guest whose vhost-user backend cannot log dirty
-                # pages; keel-switch cannot yet. The error says so and the guest keeps running.
-                save_file = os.path.join(k.dir, "nb.save")
-                status, body = k.api("POST", "/v1/domains/nb/save", {"file": save_file})
-                check(status == 400 and "vhost-user" in body["error"]["message"], f"save: {status} {body}")
-                check(k.state_of("nb") == "running" and not os.path.exists(save_file), "nb after a refused save")
-            else:
-                # Saved on taps, restored on taps (the saved RAM is private memory) though keeld now
-                # makes vhost-user NICs.
-                save_file = os.path.join(k.dir, "nb.save")
-                status, body = k.api("POST", "/v1/domains/nb/save", {"file": save_file})
-                check(status == 200, f"save: {status} {body}")
-                check(ports["nb"] not in ctl("list-ports", "keelbr0"), "nb's port left after save")
-                status, body = k.api("POST", "/v1/restore", {"file": save_file})
-                check(status == 200, f"restore: {status} {body}")
-                check_port("nb", ports["nb"], "net0")
-                # Three tries: the first frame after a restore was once seen lost (on taps, also
-                # before vhost-user NICs existed); the guest must reach na, not on the first frame.
-                out = k.console_run("nb", f"ping -c 3 -W 2 {leases[macs['na']]} && echo PING-OK", "NR", timeout=30)
-                check("PING-OK" in out.replace("echo PING-OK", ""), f"nb cannot ping na after restore: {out}")
+            # Save and restore. A vhost-user guest saves because keel-switch logs the pages it
+            # writes (VHOST_F_LOG_ALL); its RAM is a shared memfd, and the restored QEMU gets the same
+            # memory backend and vhost-user NICs again. A guest started on taps (private RAM) is
+            # restored on taps though keeld now makes vhost-user NICs.
+            save_file = os.path.join(k.dir, "nb.save")
+            status, body = k.api("POST", "/v1/domains/nb/save", {"file": save_file})
+            check(status == 200, f"save: {status} {body}")
+            check(ports["nb"] not in ctl("list-ports", "keelbr0"), "nb's port left after save")
+            status, body = k.api("POST", "/v1/restore", {"file": save_file})
+            check(status == 200, f"restore: {status} {body}")
+            check_port("nb", ports["nb"], "net0")
+            with open(f"/proc/{k.api('GET', '/v1/domains/nb')[1]['pid']}/cmdline", "rb") as f:
+                shared = b"memory-backend-memfd" in f.read()
+            check(shared == (switch_nic == "vhost-user"), f"restored nb: shared guest memory is {shared}")
+            # Three tries: the first frame after a restore was once seen lost (on taps, also
+            # before vhost-user NICs existed); the guest must reach na, not on the first frame.
+            out = k.console_run("nb", f"ping -c 3 -W 2 {leases[macs['na']]} && echo PING-OK", "NR", timeout=30)
+            check("PING-OK" in out.replace("echo PING-OK", ""), f"nb cannot ping na after restore: {out}")
             # keel-switch dies (SIGKILL, by its pid); starting the network starts it again from its
             # saved configuration and it reconnects to the guests' sockets (or taps).
             os.kill(switch_pid, signal.SIGKILL)

@@ -8,13 +8,20 @@
   vhost_qemu_test.py ... client
       QEMU listens (server=on); the back-end connects, and reconnects to the second QEMU after the
       first is killed. This case runs two queue pairs (queues=2, mq=on, -smp 2).
+  vhost_qemu_test.py ... live-migrate
+      The guest pings the responder without pause while QEMU migrates it live into a file (QMP
+      migrate, bandwidth capped so the guest runs through several dirty-page rounds): the back-end
+      logs every page it writes (VHOST_F_LOG_ALL, SET_LOG_BASE). A second QEMU loads the file
+      (-incoming) onto the same back-end and the restored guest keeps pinging.
 
 Every process is ended by its pid. Frames only move between QEMU's shared memory and the
 responder: no host network is involved.
 """
 import argparse
 import base64
+import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -27,7 +34,7 @@ GUEST_IP = "10.0.2.15"
 RESPONDER_IP = "10.0.2.2"
 
 
-def start_qemu(name, kit, accel, sock, qemu_listens, command, reconnect=False, queues=1):
+def start_qemu(name, kit, accel, sock, qemu_listens, command, reconnect=False, queues=1, extra=()):
     chardev = f"socket,id=c0,path={sock}" + (",server=on" if qemu_listens else "")
     if reconnect:
         chardev += ",reconnect=1"
@@ -48,8 +55,48 @@ def start_qemu(name, kit, accel, sock, qemu_listens, command, reconnect=False, q
             "-append", append,
             # vectors=0 (INTx): QEMU 7.2 under TCG segfaults in msix_set_vector_notifiers when a
             # vhost-user virtio-net-pci with MSI-X starts (before it sends SET_FEATURES).
-            "-chardev", chardev, "-netdev", netdev, "-device", device]
+            "-chardev", chardev, "-netdev", netdev, "-device", device, *extra]
     return Process(name, args)
+
+
+class Qmp:
+    """A minimal QMP client on QEMU's monitor socket."""
+
+    def __init__(self, path, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.file = self.sock.makefile("rwb")
+        self._read()  # greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self):
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise RuntimeError("QMP closed")
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    def execute(self, command, **arguments):
+        self.file.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        self.file.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"{command}: {reply['error']}")
+        return reply["return"]
+
+    def close(self):
+        self.sock.close()
 
 
 def fail(what, *procs):
@@ -75,6 +122,16 @@ def ping_and_check(qemu, responder, keep_running, after=0):
         if not qemu.wait_for(r"KEEL-EXIT 0", 30):
             fail("guest did not exit 0", qemu, responder)
     return received
+
+
+def responder_counters(responder, *others):
+    """Stops the responder (SIGTERM) and returns the counters it prints on the way out."""
+    responder.terminate()
+    m = responder.wait_for(r"^COUNTERS .*", 5)
+    if not m:
+        fail("responder printed no counters", responder, *others)
+    print(f"{responder.name}: {m.group(0)}")
+    return dict(kv.split("=") for kv in m.group(0).split()[1:])
 
 
 def run_case(args, mode):
@@ -117,12 +174,7 @@ def run_case(args, mode):
             q2.proc.wait(30)
             if not responder.alive():
                 fail("responder died", responder)
-            responder.terminate()
-            m = responder.wait_for(r"^COUNTERS .*", 5)
-            if not m:
-                fail("responder printed no counters", responder)
-            print(f"responder: {m.group(0)}")
-            counters = dict(kv.split("=") for kv in m.group(0).split()[1:])
+            counters = responder_counters(responder)
             if int(counters["connections"]) < 2:
                 fail("responder did not serve two connections", responder)
             if int(counters["echo_replies"]) < 4 or int(counters["device_errors"]) != 0:
@@ -164,12 +216,7 @@ def run_backend_restart(args):
             if not r2.wait_for(r"^LINK up", 30):
                 fail("QEMU did not reconnect to the new back-end", q, r2)
             ping_and_check(q, r2, keep_running=False, after=first)
-            r2.terminate()
-            m = r2.wait_for(r"^COUNTERS .*", 5)
-            if not m:
-                fail("responder printed no counters", r2)
-            print(f"responder2: {m.group(0)}")
-            counters = dict(kv.split("=") for kv in m.group(0).split()[1:])
+            counters = responder_counters(r2)
             if int(counters["echo_replies"]) < 2 or int(counters["device_errors"]) != 0:
                 fail("unexpected responder counters", r2, q)
         finally:
@@ -178,18 +225,88 @@ def run_backend_restart(args):
     print("PASS backend-restart")
 
 
+def run_live_migrate(args):
+    accel = accelerator(args.accel_cmd)
+    with tempfile.TemporaryDirectory(prefix="keel-vhost-it-") as tmp:
+        sock = os.path.join(tmp, "vhost.sock")
+        state = os.path.join(tmp, "vm.state")
+        responder = Process("responder", [args.responder, "--socket", sock, "--ip", RESPONDER_IP])
+        procs = [responder]
+        try:
+            if not responder.wait_for(r"^READY", 10):
+                fail("responder did not start", responder)
+            # Echo requests (and so frames the back-end writes into guest memory) without pause, and
+            # a PONG line per reply so the restored guest shows it still reaches the back-end.
+            command = (f"while true; do ping -c 1 -W 2 {RESPONDER_IP} >/dev/null 2>&1 && echo PONG; "
+                       "done")
+            qmp1_path = os.path.join(tmp, "qmp1.sock")
+            q1 = start_qemu("vm1", args.kit, accel, sock, False, command,
+                            extra=["-qmp", f"unix:{qmp1_path},server=on,wait=off"])
+            procs.append(q1)
+            if not q1.wait_for(r"PONG", 150):
+                fail("the guest never got an echo reply", q1, responder)
+            qmp = Qmp(qmp1_path)
+            # Capped bandwidth: RAM takes seconds to copy while the guest keeps running and the
+            # back-end keeps writing, so dirty pages are sent again from the log.
+            qmp.execute("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+            qmp.execute("migrate", uri=f"exec:cat > {state}")
+            deadline = time.monotonic() + 120
+            while True:
+                info = qmp.execute("query-migrate")
+                status = info.get("status", "")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    fail(f"migration {status}: {info}", q1, responder)
+                time.sleep(0.2)
+            ram = info.get("ram", {})
+            print(f"vm1: migrated: {ram.get('transferred', 0) >> 20} MiB, "
+                  f"{ram.get('dirty-sync-count', 0)} dirty syncs, {ram.get('normal', 0)} normal pages")
+            qmp.close()
+            # More than the first and the final sync: the guest ran (and the back-end wrote) while
+            # pages were being sent, and the log told QEMU what to send again.
+            if ram.get("dirty-sync-count", 0) < 3:
+                fail(f"the migration did not iterate: {info}", q1, responder)
+            if not responder.wait_for(r"dirty-page logging on", 5):
+                fail("the back-end was never asked to log dirty pages", responder)
+            q1.kill()
+            print("vm1: killed")
+            if not responder.wait_for(r"^LINK down", 10):
+                fail("responder did not notice QEMU going away", responder)
+
+            # The second QEMU loads the state and runs the guest on from where it was.
+            q2 = start_qemu("vm2", args.kit, accel, sock, False, command,
+                            extra=["-incoming", f"exec:cat {state}"])
+            procs.append(q2)
+            if not q2.wait_for(r"PONG", 60):
+                fail("the restored guest does not reach the back-end", q2, responder)
+            if not q2.wait_for(r"PONG", 30, q2.next_line):
+                fail("the restored guest stopped reaching the back-end", q2, responder)
+            print(f"vm2: restored guest pings after {time.monotonic() - q2.start:.1f}s")
+            q2.kill()
+            counters = responder_counters(responder)
+            if int(counters["connections"]) < 2 or int(counters["device_errors"]) != 0:
+                fail("unexpected responder counters", responder)
+        finally:
+            for p in reversed(procs):
+                p.kill()
+    print("PASS live-migrate")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kit", required=True)
     p.add_argument("--responder", required=True)
     p.add_argument("--accel-cmd")
-    p.add_argument("mode", choices=["server", "client", "backend-restart"])
+    p.add_argument("mode", choices=["server", "client", "backend-restart", "live-migrate"])
     args = p.parse_args()
     for f in ("vmlinuz", "initramfs.cpio.gz"):
         if not os.path.exists(os.path.join(args.kit, f)):
             sys.exit(f"guest kit missing {f} in {args.kit}: run guest/build.sh kit")
     if args.mode == "backend-restart":
         run_backend_restart(args)
+    elif args.mode == "live-migrate":
+        run_live_migrate(args)
     else:
         run_case(args, args.mode)
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -349,7 +350,7 @@ TEST_F(HostileFrontendTest, UnofferedFeature) {
 
 TEST_F(HostileFrontendTest, UnofferedProtocolFeature) {
   setup();
-  expect_closed(message(16, kVersion, pod(feature_bit(kProtocolLogShmfd))));
+  expect_closed(message(16, kVersion, pod(feature_bit(kProtocolRarp))));
 }
 
 TEST_F(HostileFrontendTest, FdsWithAMessageThatTakesNone) {
@@ -426,16 +427,56 @@ TEST_F(HostileFrontendTest, MemoryTableThatNoLongerCoversTheRingsBreaksThem) {
   expect_recovers();
 }
 
-TEST_F(HostileFrontendTest, LogBaseIsRefused) {
+// SET_LOG_BASE: every malformed log closes the connection with a clear error; nothing is mapped.
+class HostileLogBaseTest : public HostileFrontendTest {
+protected:
+  std::vector<uint8_t> log_base(uint64_t size, uint64_t offset) {
+    return message(static_cast<uint32_t>(Request::SetLogBase), kVersion, pod(LogDesc{size, offset}));
+  }
+};
+
+TEST_F(HostileLogBaseTest, FileSmallerThanTheLog) {
   setup();
-  uint64_t log[2] = {0x1000, 0};
-  int fd = fe->memory_fd();
-  auto reply = fe->request(Request::SetLogBase, {reinterpret_cast<uint8_t*>(log), sizeof log}, {&fd, 1}, true);
-  ASSERT_TRUE(reply) << reply.error().message();
-  ASSERT_EQ(reply->size(), 8u);
-  EXPECT_NE((*reply)[0], 0);
-  EXPECT_TRUE(fe->sync());
-  EXPECT_TRUE(port->link_up());
+  auto fd = memfd(0x1000);
+  expect_closed(log_base(0x1000, 8), {fd.get()});
+}
+
+TEST_F(HostileLogBaseTest, OffsetPlusSizeWraps) {
+  setup();
+  auto fd = memfd(0x1000);
+  expect_closed(log_base(0x1000, ~0ull - 0x10), {fd.get()});
+}
+
+TEST_F(HostileLogBaseTest, EmptyLog) {
+  setup();
+  auto fd = memfd(0x1000);
+  expect_closed(log_base(0, 0), {fd.get()});
+}
+
+TEST_F(HostileLogBaseTest, NotAFile) {
+  setup();
+  UniqueFd fd(eventfd(0, EFD_CLOEXEC));
+  expect_closed(log_base(0x1000, 0), {fd.get()});
+}
+
+TEST_F(HostileLogBaseTest, NoFd) {
+  setup();
+  expect_closed(log_base(0x1000, 0));
+}
+
+TEST_F(HostileLogBaseTest, ShortPayload) {
+  setup();
+  auto fd = memfd(0x1000);
+  expect_closed(message(static_cast<uint32_t>(Request::SetLogBase), kVersion, pod(uint64_t{0x1000})), {fd.get()});
+}
+
+TEST_F(HostileLogBaseTest, WithoutTheProtocolFeature) {
+  FrontendOptions options;
+  options.log_shmfd = false;
+  setup({}, options);
+  ASSERT_FALSE(fe->acked_protocol_features() & feature_bit(kProtocolLogShmfd));
+  auto fd = memfd(0x1000);
+  expect_closed(log_base(0x1000, 0), {fd.get()});
 }
 
 TEST_F(HostileFrontendTest, ResendingTheMemoryTableRemapsRunningRings) {

@@ -49,6 +49,18 @@ TEST(VhostMessage, HeaderChecksVersionReplyFlagAndSize) {
   EXPECT_FALSE(header_of(1, kVersion, 0xffffffff));
 }
 
+TEST(VhostMessage, LogBaseNeedsSizeOffsetAndOneFd) {
+  auto m = decode(Request::SetLogBase, bytes_of(LogDesc{0x2000, 0x10}), 1);
+  ASSERT_TRUE(m) << m.error().message();
+  EXPECT_EQ(m->log.mmap_size, 0x2000u);
+  EXPECT_EQ(m->log.mmap_offset, 0x10u);
+  EXPECT_FALSE(decode(Request::SetLogBase, bytes_of(LogDesc{0x2000, 0}), 0));      // no fd
+  EXPECT_FALSE(decode(Request::SetLogBase, bytes_of(LogDesc{0x2000, 0}), 2));      // two
+  EXPECT_FALSE(decode(Request::SetLogBase, bytes_of(uint64_t{0x2000}), 1));        // QEMU's old u64
+  EXPECT_FALSE(decode(Request::SetLogBase, bytes_of(LogDesc{0, 0}), 1));           // empty
+  EXPECT_FALSE(decode(Request::SetLogBase, bytes_of(LogDesc{0x2000, ~0ull}), 1));  // wraps
+}
+
 TEST(VhostMessage, FixedSizePayloadsMustMatch) {
   EXPECT_TRUE(decode(Request::SetFeatures, bytes_of(uint64_t{5})));
   EXPECT_FALSE(decode(Request::SetFeatures, std::vector<uint8_t>(4)));

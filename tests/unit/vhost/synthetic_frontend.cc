@@ -299,6 +299,25 @@ Result<void> SyntheticFrontend::restart_queue(uint32_t i, uint16_t base) {
   return sync();
 }
 
+Result<void> SyntheticFrontend::set_log_base(int fd, uint64_t size, uint64_t offset) {
+  LogDesc log{size, offset};
+  auto reply = TRY(request(Request::SetLogBase, as_bytes_of(log), {&fd, 1}, true));
+  if (!reply.empty()) return fail_invalid("SET_LOG_BASE reply has a {}-byte payload", reply.size());
+  return ok();
+}
+
+Result<void> SyntheticFrontend::set_logging(bool on) {
+  uint64_t features = on ? acked_features_ | feature_bit(kFeatureLogAll) : acked_features_;
+  TRY(request(Request::SetFeatures, as_bytes_of(features), {}, false, true));
+  for (uint32_t i = 0; i < queues_.size(); ++i) {
+    const Queue& q = queues_[i];
+    VringAddr addr{i, on ? kVringFLog : 0, uva_of(q.desc_gpa), uva_of(q.used_gpa), uva_of(q.avail_gpa),
+                   on ? q.used_gpa : 0};
+    TRY(request(Request::SetVringAddr, as_bytes_of(addr), {}, false, true));
+  }
+  return sync();
+}
+
 bool SyntheticFrontend::peer_closed() {
   for (int i = 0; i < 100; ++i) {
     if (pump_) pump_();
@@ -320,7 +339,8 @@ Result<void> SyntheticFrontend::start() {
     auto reply = TRY(request(Request::GetProtocolFeatures, {}, {}, true));
     uint64_t pf = 0;
     if (reply.size() == 8) std::memcpy(&pf, reply.data(), 8);
-    uint64_t want = feature_bit(kProtocolMq) | (options_.reply_ack ? feature_bit(kProtocolReplyAck) : 0);
+    uint64_t want = feature_bit(kProtocolMq) | (options_.reply_ack ? feature_bit(kProtocolReplyAck) : 0) |
+                    (options_.log_shmfd ? feature_bit(kProtocolLogShmfd) : 0);
     uint64_t set = pf & want;
     TRY(request(Request::SetProtocolFeatures, as_bytes_of(set)));
     acked_protocol_ = set;
@@ -332,6 +352,7 @@ Result<void> SyntheticFrontend::start() {
   TRY(request(Request::SetOwner));
   uint64_t acked = offered & options_.wanted_features;
   if (!protocol) acked &= ~feature_bit(kFeatureProtocolFeatures);
+  acked &= ~feature_bit(kFeatureLogAll);  // QEMU sets it only while migrating (set_logging())
   TRY(request(Request::SetFeatures, as_bytes_of(acked)));
   acked_features_ = acked;
 

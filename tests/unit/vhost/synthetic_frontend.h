@@ -38,6 +38,7 @@ struct FrontendOptions {
   uint64_t wanted_features = ~0ull;
   bool protocol_features = true;
   bool reply_ack = true;
+  bool log_shmfd = true;  // ack VHOST_USER_PROTOCOL_F_LOG_SHMFD if offered
 };
 
 enum class TxLayout {
@@ -75,6 +76,11 @@ public:
   // Configures a stopped ring again (as QEMU does when the device restarts): NUM, BASE, ADDR,
   // KICK, CALL, ENABLE.
   Result<void> restart_queue(uint32_t index, uint16_t base);
+  // Live migration, as QEMU does it: SET_LOG_BASE with the log's fd (waits for the empty reply)...
+  Result<void> set_log_base(int fd, uint64_t size, uint64_t offset = 0);
+  // ...then SET_FEATURES with VHOST_F_LOG_ALL (REPLY_ACK'ed) and SET_VRING_ADDR of every ring with
+  // VHOST_VRING_F_LOG and the used ring's guest-physical address; `false` undoes both.
+  Result<void> set_logging(bool on);
   // True if the back-end closed the connection.
   bool peer_closed();
   uint64_t acked_features() const { return acked_features_; }
@@ -103,6 +109,7 @@ public:
   VringDesc* desc_table(uint32_t queue);
   uint16_t* avail_ring(uint32_t queue);  // flags, idx, ring[], used_event
   uint8_t* used_ring(uint32_t queue);
+  uint64_t used_ring_gpa(uint32_t queue) const { return queues_[queue].used_gpa; }
   // Puts a descriptor head on the avail ring and publishes it (no kick).
   void publish_avail(uint32_t queue, uint16_t head);
   // A scratch area of guest memory: returns its guest-physical address; host pointer via host().
