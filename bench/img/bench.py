@@ -87,12 +87,22 @@ def wait_for_socket(path, timeout=10):
     raise RuntimeError(f"no server on {path}")
 
 
+def server_cpu_seconds(pid):
+    """user + system CPU of a running process, from /proc (the server is measured before it is killed)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_serve(keel, tmp, image, repeat):
     """The same NBD client (qemu-img convert from nbd+unix, then qemu-img bench over NBD) against
-    qemu-nbd and keel-img serve on the same image."""
+    qemu-nbd and keel-img serve on the same image. Wall time is the client's run; the servers' own
+    CPU (user + system, read from /proc before each is stopped) is printed beside it, since with one
+    client on two cores the client's side (its reads from the socket and its writes) bounds the wall."""
     results = []
     for label, client in (("serve: read whole disk (convert)", "convert"), ("serve: 4k reads (bench, depth 16)", "bench")):
         times = {"peer": [], "keel": []}
+        cpu = {"peer": [], "keel": []}
         for _ in range(repeat):
             for which in ("peer", "keel"):
                 sock = os.path.join(tmp, f"{which}.sock")
@@ -112,11 +122,14 @@ def bench_serve(keel, tmp, image, repeat):
                     else:
                         cmd = ["qemu-img", "bench", "-f", "raw", "-c", "20000", "-d", "16", "-s", "4k", "-S", "1052672", uri]
                     times[which].append(timed(cmd))
+                    cpu[which].append(server_cpu_seconds(server.pid))
                 finally:
                     server.kill()  # our own child, by its pid
                     server.wait()
         p, k = statistics.median(times["peer"]), statistics.median(times["keel"])
-        print(f"{label:<34} {p * 1000:9.1f} ms {k * 1000:9.1f} ms   {p / k:5.2f}x", flush=True)
+        pc, kc = statistics.median(cpu["peer"]), statistics.median(cpu["keel"])
+        print(f"{label:<34} {p * 1000:9.1f} ms {k * 1000:9.1f} ms   {p / k:5.2f}x   server cpu {pc * 1000:6.1f} ms "
+              f"{kc * 1000:6.1f} ms  {pc / kc if kc else float('inf'):5.2f}x", flush=True)
         results.append(p / k)
     return results
 
