@@ -11,6 +11,7 @@ import sqlite3
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 
 from harness import Failure, Keeld, check, guest_def, main
@@ -35,15 +36,32 @@ def t_lifecycle(args):
 
         # One console client at a time; the second is refused (exit 5) and the first keeps working.
         env = dict(os.environ, KEEL_CONNECT="unix:" + k.socket)
-        first = subprocess.Popen([args.keel, "console", "life", "--until", "BUSY-42", "--timeout", "30"],
+        first = subprocess.Popen([args.keel, "console", "life", "--until", "BUSY-42", "--timeout", "60"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        time.sleep(0.5)
+        # The client reads its stdin only once attached, so the guest's answer to this line proves the
+        # first client holds the console (a fixed sleep was too short on a loaded machine).
+        first_out = bytearray()
+        attached = threading.Event()
+
+        def read_first():
+            for chunk in iter(lambda: first.stdout.read1(4096), b""):
+                first_out.extend(chunk)
+                if b"FIRST-21" in first_out:
+                    attached.set()
+
+        reader = threading.Thread(target=read_first, daemon=True)
+        reader.start()
+        first.stdin.write(b"echo FIRST-$((20+1))\n")
+        first.stdin.flush()
+        check(attached.wait(30), f"the first console client never attached: {bytes(first_out[-300:])}")
         p = k.keel("console", "life", "--timeout", "3", check_rc=5)
         check("in use" in p.stderr, p.stderr)
         first.stdin.write(b"echo BUSY-$((6*7))\n")
         first.stdin.flush()
-        out, _ = first.communicate(timeout=40)
-        check(first.returncode == 0 and b"BUSY-42" in out, f"first console: {first.returncode} {out[-300:]}")
+        first.wait(timeout=70)
+        reader.join(5)
+        check(first.returncode == 0 and b"BUSY-42" in first_out,
+              f"first console: {first.returncode} {bytes(first_out[-300:])}")
 
         k.keel("suspend", "life", check_rc=0)
         check(k.state_of("life") == "paused", "not paused after suspend")
