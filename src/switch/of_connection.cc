@@ -126,46 +126,17 @@ void OfConnection::on_events(uint32_t events) {
   if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
   g_last_input = std::chrono::steady_clock::now();
   uint8_t buf[64 * 1024];
-  std::optional<std::chrono::steady_clock::time_point> spin_until;
   for (;;) {
     ssize_t n = ::recv(fd_.get(), buf, sizeof buf, MSG_DONTWAIT);
     if (n > 0) {
       feed(std::span<const uint8_t>(buf, size_t(n)));
       if (closed_) return;
-      spin_until.reset();
       if (size_t(n) == sizeof buf) continue;
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else if (n == 0 || errno != EAGAIN) {
-      close();
       return;
     }
-    // Nothing more to read yet. A peer that just sent a request without a reply (a flow-mod) or half a
-    // message is still writing: ovs-ofctl sends each flow-mod and its barrier as two writes a few
-    // microseconds apart. Polling briefly for the rest costs less than sleeping in epoll and being
-    // woken again (on a VM, an idle vCPU's wake-up alone takes tens of microseconds).
-    if (!peer_mid_request()) break;
-    // Yield between polls: when the peer shares our CPU (a wake-up preempted it between its two
-    // writes), it gets to finish; when nothing else wants the CPU this returns at once.
-    auto now = std::chrono::steady_clock::now();
-    if (!spin_until) {
-      spin_until = now + kFollowUpPoll;
-    } else if (now >= *spin_until) {
-      break;
-    }
-    sched_yield();
-  }
-}
-
-bool OfConnection::peer_mid_request() const {
-  if (!in_.empty()) return true;
-  switch (last_type_) {
-    case OFPT_FLOW_MOD:
-    case OFPT_PACKET_OUT:
-    case OFPT13_GROUP_MOD:
-      return true;
-    default:
-      return false;
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0 || errno != EAGAIN) close();
+    return;
   }
 }
 
@@ -198,7 +169,6 @@ void OfConnection::process_input() {
       handle_hello(msg);
       continue;
     }
-    last_type_ = h.type;
     if (h.version != version_) {
       send(make_error(version_, h.xid, of_error(OFPET_BAD_REQUEST, 0, "wrong version"), msg));
       continue;

@@ -58,17 +58,12 @@ private:
   void process_input();
   void handle_hello(std::span<const uint8_t> msg);
   void flush_output();
-  // The peer's last message asked for no reply (or is incomplete): more is probably on its way.
-  bool peer_mid_request() const;
-  // How long on_events polls for the rest of a request before going back to sleep in epoll.
-  static constexpr std::chrono::microseconds kFollowUpPoll{30};
 
   Bridge& bridge_;
   UniqueFd fd_;
   std::string peer_;
   std::function<void(OfConnection*)> on_closed_;
   uint8_t version_ = 0;
-  uint8_t last_type_ = 0;  // type of the last message handled
   OfRole role_ = OfRole::Equal;
   std::vector<uint8_t> in_;
   std::vector<uint8_t> out_;

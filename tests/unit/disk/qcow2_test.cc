@@ -89,8 +89,7 @@ TEST_P(Qcow2RandomIo, MatchesShadowAndQemuImgCheck) {
     Qcow2OpenOptions oo;
     oo.direct = v.direct;
     auto img = Qcow2Image::open(path, OpenMode::ReadWrite, oo);
-    if (!img && v.direct && img.error().code() == EINVAL) GTEST_SKIP() << "no O_DIRECT on /tmp here";
-    ASSERT_TRUE(img) << img.error().message();
+    ASSERT_TRUE(img) << img.error().message() << (v.direct ? " (O_DIRECT variants need /tmp on a file system that takes it)" : "");
     auto& q = **img;
     std::vector<uint8_t> buf;
     for (int i = 0; i < 400; ++i) {
