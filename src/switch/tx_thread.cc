@@ -3,6 +3,7 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -73,7 +74,26 @@ bool TransmitThread::push(const void* prefix, const uint8_t* a, size_t a_len, co
 }
 
 void TransmitThread::publish() {
-  if (published_.load(std::memory_order_relaxed) == write_pos_) return;
+  uint64_t published = published_.load(std::memory_order_relaxed);
+  if (published == write_pos_) return;
+  // The transmit thread sleeps, with nothing left to send, and last ran on this CPU: waking it
+  // would only make the two threads take turns on one CPU, each wake-up a context switch (a 64-byte
+  // flood, which leaves no CPU idle, measured ~15% slower that way, and at times half as fast).
+  // Send here instead. The sleeping thread touches neither the ring nor consumed_ until published_
+  // moves, and it moves last. Every kWakeEvery-th publish wakes the thread all the same, so the
+  // scheduler can place it on a CPU that has become idle (TCP, which leaves CPU idle, measured
+  // ~2.1 Gb/s without these wake-ups, ~2.6 with one in four).
+  if (++publishes_ % kWakeEvery != 0 && sleeping_.load(std::memory_order_seq_cst) &&
+      consumed_.load(std::memory_order_acquire) == published &&
+      sched_getcpu() == last_cpu_.load(std::memory_order_relaxed)) {
+    uint64_t sent = send_records(published, write_pos_, false);
+    consumed_.store(sent, std::memory_order_release);
+    if (sent == write_pos_) {
+      published_.store(write_pos_, std::memory_order_release);
+      return;
+    }
+    // The socket buffer is full: the transmit thread waits for room and sends the rest.
+  }
   // seq_cst store then load, against the consumer's store of sleeping_ then load of published_:
   // either we see it asleep and wake it, or it sees the new frames before it sleeps.
   published_.store(write_pos_, std::memory_order_seq_cst);
@@ -87,6 +107,7 @@ void TransmitThread::publish() {
 // from the receiving host's stack and the datapath); the datapath thread polls instead (see
 // keel_switch_main.cc), and wakes us only when a flush finds us asleep.
 void TransmitThread::wait_for_frames(uint64_t head) {
+  last_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
   sleeping_.store(1, std::memory_order_seq_cst);
   while (published_.load(std::memory_order_seq_cst) == head && !stop_.load(std::memory_order_seq_cst))
     futex(&sleeping_, FUTEX_WAIT_PRIVATE, 1);  // returns at once if the producer already cleared it
@@ -100,20 +121,18 @@ bool TransmitThread::wait_writable() {
   return !stop_.load(std::memory_order_relaxed) && poll(&p, 1, 100) == 1 && (p.revents & POLLOUT);
 }
 
-void TransmitThread::run() {
+// Sends the records in [from, to) in batches of up to kBatch; returns how far it got. On the
+// transmit thread (`may_wait`), a full socket buffer is waited for, and it gets to `to`. On the
+// datapath's (not `may_wait`), it stops at a full socket buffer and returns where, so the transmit
+// thread takes over the rest: the datapath never blocks.
+uint64_t TransmitThread::send_records(uint64_t from, uint64_t to, bool may_wait) {
   mmsghdr msgs[kBatch]{};
   iovec iovs[kBatch];
-  uint64_t head = 0;
-  while (!stop_.load(std::memory_order_relaxed)) {
-    uint64_t tail = published_.load(std::memory_order_acquire);
-    if (tail == head) {
-      wait_for_frames(head);
-      continue;
-    }
-    // Gather up to kBatch records, each sent straight from the ring.
-    size_t n = 0, bytes = 0;
-    uint64_t pos = head;
-    while (pos != tail && n < kBatch) {
+  uint64_t ends[kBatch];  // where each message's record ends in the ring
+  uint64_t pos = from;
+  while (pos != to) {
+    size_t n = 0;
+    while (pos != to && n < kBatch) {
       size_t offset = pos & mask_;
       const auto* rec = reinterpret_cast<const Record*>(ring_.get() + offset);
       if (rec->len == kWrap) {
@@ -123,26 +142,45 @@ void TransmitThread::run() {
       iovs[n] = {const_cast<uint8_t*>(ring_.get() + offset + sizeof(Record)), rec->len};
       msgs[n].msg_hdr.msg_iov = &iovs[n];
       msgs[n].msg_hdr.msg_iovlen = 1;
-      bytes += rec->len - prefix_len_;
       pos += record_size(rec->len);
-      ++n;
+      ends[n++] = pos;
     }
-    size_t done = 0;
-    while (done < n) {
+    size_t done = 0, dropped = 0;
+    while (done + dropped < n) {
       int sent = sendmmsg(fd_, msgs + done, unsigned(n - done), MSG_DONTWAIT | MSG_NOSIGNAL);
-      if (sent < 0 && (errno == EAGAIN || errno == ENOBUFS) && wait_writable()) continue;
-      if (sent <= 0) {
-        // Link down, or the socket buffer stayed full: drop the rest of the batch, not stall the port.
-        failed_.fetch_add(n - done, std::memory_order_relaxed);
-        for (size_t i = done; i < n; ++i) bytes -= iovs[i].iov_len - prefix_len_;
+      if (sent > 0) {
+        done += size_t(sent);
+        continue;
+      }
+      bool full = sent < 0 && (errno == EAGAIN || errno == ENOBUFS);
+      if (full && !may_wait) {
+        pos = done ? ends[done - 1] : (n ? ends[0] - record_size(iovs[0].iov_len) : pos);
         break;
       }
-      done += size_t(sent);
+      if (full && wait_writable()) continue;
+      // Link down, or the socket buffer stayed full: drop the rest of the batch, not stall the port.
+      dropped = n - done;
     }
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < done; ++i) bytes += iovs[i].iov_len - prefix_len_;
     sent_packets_.fetch_add(done, std::memory_order_relaxed);
     sent_bytes_.fetch_add(bytes, std::memory_order_relaxed);
-    head = pos;
-    consumed_.store(head, std::memory_order_release);
+    failed_.fetch_add(dropped, std::memory_order_relaxed);
+    if (done + dropped < n) break;  // stopped at a full socket buffer
+  }
+  return pos;
+}
+
+void TransmitThread::run() {
+  while (!stop_.load(std::memory_order_relaxed)) {
+    // published_ before consumed_: the datapath, when it sent frames itself, moved consumed_ first.
+    uint64_t tail = published_.load(std::memory_order_acquire);
+    uint64_t head = consumed_.load(std::memory_order_acquire);
+    if (tail == head) {
+      wait_for_frames(head);
+      continue;
+    }
+    consumed_.store(send_records(head, tail, true), std::memory_order_release);
   }
 }
 

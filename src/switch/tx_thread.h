@@ -9,7 +9,9 @@
 //
 // The datapath thread (the only producer) copies frames into a single-producer single-consumer byte
 // ring and publishes them at flush(); the transmit thread (the only consumer) sends them in batches
-// with sendmmsg straight from the ring, and sleeps on a futex when the ring is empty. The frames'
+// with sendmmsg straight from the ring, and sleeps on a futex when the ring is empty. When the
+// sleeping transmit thread last ran on the datapath's own CPU (no CPU to spare), the datapath sends
+// the batch itself instead of waking it (see publish()). The frames'
 // order is kept. A full socket buffer makes the transmit thread wait; a full ring drops the frame
 // (counted), as a full NIC queue would: the datapath never blocks on a slow receiver.
 #pragma once
@@ -41,6 +43,9 @@ public:
   // Datapath thread: hands everything pushed so far to the transmit thread, waking it if it sleeps.
   void publish();
 
+  // Datapath thread: true when everything pushed has been sent (the transmit thread is idle).
+  bool drained() const { return consumed_.load(std::memory_order_acquire) == write_pos_; }
+
   // Any thread: what the transmit thread has sent or failed to send so far.
   uint64_t sent_packets() const { return sent_packets_.load(std::memory_order_relaxed); }
   uint64_t sent_bytes() const { return sent_bytes_.load(std::memory_order_relaxed); }
@@ -59,11 +64,13 @@ private:
   };
   static constexpr uint32_t kWrap = 0xffffffffu;
   static constexpr size_t kAlign = 64, kBatch = 64;
+  static constexpr unsigned kWakeEvery = 4;
 
   void run();
   // Sleeps until the producer publishes past `head` or stop() is asked.
   void wait_for_frames(uint64_t head);
   bool wait_writable();
+  uint64_t send_records(uint64_t from, uint64_t to, bool may_wait);
   static size_t record_size(size_t payload) { return (sizeof(Record) + payload + kAlign - 1) & ~(kAlign - 1); }
 
   int fd_;
@@ -74,11 +81,13 @@ private:
   // Producer-side state (datapath thread only).
   uint64_t write_pos_ = 0;    // end of pushed records
   uint64_t head_cache_ = 0;   // the consumer's position when we last looked
+  unsigned publishes_ = 0;    // counts publish() calls, for kWakeEvery
 
   // Shared. Each on its own cache line: the two threads write different ones.
   alignas(64) std::atomic<uint64_t> published_{0};  // end of records the consumer may send
   alignas(64) std::atomic<uint64_t> consumed_{0};   // end of records sent (their space is free)
   alignas(64) std::atomic<uint32_t> sleeping_{0};   // futex word: 1 while the consumer waits
+  std::atomic<int> last_cpu_{-1};                   // where the consumer went to sleep
   std::atomic<bool> stop_{false};
   alignas(64) std::atomic<uint64_t> sent_packets_{0}, sent_bytes_{0}, failed_{0};
 
