@@ -245,7 +245,13 @@ void Bridge::flush_ports() {
   dirty_ports_.clear();
 }
 
+namespace {
+std::chrono::steady_clock::time_point g_last_datapath_input;
+}
+std::chrono::steady_clock::time_point last_datapath_input() { return g_last_datapath_input; }
+
 void Bridge::process_batch(BridgePort& in, PacketBatch& batch) {
+  g_last_datapath_input = std::chrono::steady_clock::now();
   now_ = coarse_now();
   for (size_t i = 0; i < batch.size(); ++i) {
     Frame& frame = batch[i];
@@ -1523,6 +1529,7 @@ void Bridge::handle_multipart(OfConnection& c, std::span<const uint8_t> msg) {
       MultipartReply rep(c, h.xid, type);
       for (auto& [no, bp] : ports_) {
         if (port_no != OFPP_ANY && no != port_no) continue;
+        bp->port->sync_counters();
         const PortCounters& k = bp->port->counters;
         ByteWriter w = rep.writer();
         if (v == kOf10) {

@@ -127,6 +127,10 @@ private:
   std::chrono::seconds ageing_{300};
 };
 
+// When any bridge of this process last received a batch of frames. The daemon's main loop polls
+// rather than sleeps for a short while after it (see keel_switch_main.cc).
+std::chrono::steady_clock::time_point last_datapath_input();
+
 class Bridge {
 public:
   Bridge(EventLoop& loop, std::string name, uint64_t datapath_id);

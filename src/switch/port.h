@@ -68,6 +68,8 @@ public:
   // True (once) when link_up() changed during the last receive() (a vhost-user guest connected or
   // went away), so the bridge reports it at once instead of at its next once-a-second check.
   virtual bool take_link_changed() { return false; }
+  // Brings `counters` up to date where another thread counts (a transmit thread); call before reading.
+  virtual void sync_counters() {}
 
   PortCounters counters;
 };

@@ -513,6 +513,7 @@ Result<std::string> SwitchDaemon::apply_command(json& cfg, const std::vector<std
     if (!br) return fail(ENOENT, fmt::format("no bridge named {}", cmd[1]));
     std::string out;
     for (BridgePort* p : br->ports()) {
+      p->port->sync_counters();
       const auto& k = p->port->counters;
       out += fmt::format("{} ({}): rx_packets={} rx_bytes={} rx_dropped={} tx_packets={} tx_bytes={} tx_dropped={}\n",
                          p->name, p->ofport == OFPP_LOCAL ? "LOCAL" : std::to_string(p->ofport), k.rx_packets,
