@@ -86,8 +86,8 @@ std::vector<uint8_t> make_error(uint8_t version, uint32_t xid, const OfError& er
   w.u16(e.code);
   if (e.type == OFPET_HELLO_FAILED)
     w.bytes(e.detail.data(), std::min<size_t>(e.detail.size(), 256));
-  else
-    w.bytes(request.data(), std::min<size_t>(request.size(), 64));
+  else  // the whole request, as Open vSwitch does (the spec asks for at least 64 bytes of it)
+    w.bytes(request.data(), std::min<size_t>(request.size(), 0xffff - out.size()));
   finish_message(out);
   return out;
 }

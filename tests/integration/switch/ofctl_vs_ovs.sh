@@ -87,6 +87,8 @@ for ver in OpenFlow13 OpenFlow10; do
     check add-group-ff $ver add-group $T "group_id=3,type=fast_failover,bucket=watch_port:1,output:1,bucket=watch_port:2,output:2"
     check add-group-indirect $ver add-group $T "group_id=4,type=indirect,bucket=set_field:10.0.0.1->ip_dst,output:1"
     check add-group-dup $ver add-group $T "group_id=4,type=indirect,bucket=output:1"
+    # An error for a request over 64 bytes echoes all of it (ovs-ofctl decodes it; cut, it says so).
+    check add-group-dup-long $ver add-group $T "group_id=1,type=all,bucket=output:1,bucket=output:2,bucket=output:3"
     check dump-groups $ver dump-groups $T
     # Meters (drop bands; OVS's userspace datapath has them too).
     check add-meter-burst $ver add-meter $T "meter=1,kbps,burst,band=type=drop,rate=1000,burst_size=100"

@@ -282,7 +282,14 @@ TEST(FlowMod, EncodeDecodeBothVersions) {
 TEST(Errors, EchoTheRequestAndMapTo10) {
   std::vector<uint8_t> req(100, 0xee);
   auto msg = make_error(kOf13, 5, of_error(OFPET_BAD_MATCH, 9), req);
-  ASSERT_EQ(msg.size(), 8u + 4 + 64);
+  ASSERT_EQ(msg.size(), 8u + 4 + 100);  // the whole request, as OVS echoes it
+  EXPECT_EQ(msg[2] << 8 | msg[3], int(msg.size()));
+  EXPECT_TRUE(std::equal(req.begin(), req.end(), msg.begin() + 12));
+  // A request too large to echo whole in one message is cut to fit.
+  std::vector<uint8_t> big(70000, 0xaa);
+  auto capped = make_error(kOf13, 6, of_error(OFPET_BAD_REQUEST, 1), big);
+  ASSERT_EQ(capped.size(), 0xffffu);
+  EXPECT_EQ(capped[2] << 8 | capped[3], 0xffff);
   EXPECT_EQ(msg[1], OFPT_ERROR);
   EXPECT_EQ(msg[9], OFPET_BAD_MATCH);
   auto msg10 = make_error(kOf10, 5, of_error(OFPET_FLOW_MOD_FAILED, 3), req);
