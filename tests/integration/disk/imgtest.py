@@ -93,6 +93,31 @@ def wait_unix(path):
     return False
 
 
+def qemu_io_through_serve(keel, tmp, image, commands):
+    """Runs qemu-io COMMANDS against IMAGE served by `keel-img serve` on a unix socket in TMP (qemu-io's
+    requests reach keel's driver over NBD), then stops the server (SIGTERM: it flushes and exits 0).
+    Returns (qemu-io's CompletedProcess, or None when the server never listened; the server's exit
+    code; the server's stderr)."""
+    sock = os.path.join(tmp, "nbd.sock")
+    server = subprocess.Popen([keel, "serve", "-t", "--socket", sock, image], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        if not wait_unix(sock):
+            _, err = server.communicate(timeout=10)
+            return None, server.returncode, err
+        args = ["qemu-io", "-f", "raw"]
+        for c in commands:
+            args += ["-c", c]
+        client = run(*args, f"nbd+unix:///?socket={sock}", check=False)
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+        return client, server.returncode, err
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 def map_shape(map_json):
     """`map --output=json` text without host offsets, adjacent extents of one kind merged: what
     allocation looks like, whichever tool laid the image out."""

@@ -10,12 +10,11 @@ subcluster-granular allocation (host offsets aside). `create` and `convert -o ex
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imgtest import run, expect, finish, wait_unix, map_shape  # noqa: E402
+from imgtest import run, expect, finish, map_shape, qemu_io_through_serve  # noqa: E402
 
 KEEL = sys.argv[1]
 SIZE = 5 << 20 | 3 << 9  # not a multiple of any cluster size: the short last cluster counts too
@@ -61,20 +60,12 @@ def qemu_io(target, ops, fmt):
 
 
 def keel_io(tmp, image, ops):
-    sock = os.path.join(tmp, "nbd.sock")
-    server = subprocess.Popen([KEEL, "serve", "-t", "--socket", sock, image], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        if not wait_unix(sock):
-            raise RuntimeError("keel-img serve did not listen")
-        qemu_io(f"nbd+unix:///?socket={sock}", ops, "raw")
-        server.terminate()  # SIGTERM: flushes and exits 0
-        _, err = server.communicate(timeout=30)
-        expect(server.returncode == 0, f"keel-img serve exits cleanly ({server.returncode}: {err.strip()[-200:]})")
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    client, code, err = qemu_io_through_serve(KEEL, tmp, image, ops)
+    if client is None:
+        raise RuntimeError(f"keel-img serve did not listen: {err.strip()}")
+    if client.returncode != 0:
+        raise RuntimeError(f"qemu-io through keel-img serve exited {client.returncode}: {client.stderr.strip()}")
+    expect(code == 0, f"keel-img serve exits cleanly ({code}: {err.strip()[-200:]})")
 
 
 def same_image(mine, ref, label):

@@ -12,12 +12,11 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imgtest import run, expect, finish, map_shape, wait_unix  # noqa: E402
+from imgtest import run, expect, finish, map_shape, qemu_io_through_serve  # noqa: E402
 
 KEEL = sys.argv[1]
 SIZE = 5 << 20
@@ -51,25 +50,11 @@ def reads_like_qemu(image, tmp, label):
 
 
 def keel_writes(tmp, image, cmds):
-    """qemu-io's commands reach keel's VMDK driver through keel-img serve (NBD)."""
-    sock = os.path.join(tmp, "nbd.sock")
-    server = subprocess.Popen([KEEL, "serve", "-t", "--socket", sock, image], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        if not wait_unix(sock):
-            _, err = server.communicate(timeout=10)
-            return err.strip()
-        args = ["qemu-io", "-f", "raw"]
-        for c in cmds:
-            args += ["-c", c]
-        p = run(*args, f"nbd+unix:///?socket={sock}", check=False)
-        server.terminate()
-        _, err = server.communicate(timeout=30)
-        return "" if p.returncode == 0 and server.returncode == 0 else (p.stderr + err).strip()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    """qemu-io's commands reach keel's VMDK driver through keel-img serve (NBD); "" or the errors."""
+    client, code, err = qemu_io_through_serve(KEEL, tmp, image, cmds)
+    if client is None:
+        return err.strip()
+    return "" if client.returncode == 0 and code == 0 else (client.stderr + err).strip()
 
 
 def fails_clearly(image, words, label):

@@ -46,6 +46,18 @@ std::vector<uint8_t> make_raw(const std::string& path, uint64_t size,
   return content;
 }
 
+// copy_image with a progress callback that must only move forward and end at the source's size.
+void copy_checking_progress(BlockDevice& source, BlockDevice& target, CopyOptions o) {
+  uint64_t last_progress = 0;
+  o.progress = [&](uint64_t done) {
+    EXPECT_GT(done, last_progress);
+    last_progress = done;
+  };
+  auto r = copy_image(source, target, o);
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(last_progress, source.size());
+}
+
 std::vector<uint8_t> read_all(BlockDevice& dev) {
   std::vector<uint8_t> out(dev.size());
   auto r = dev.read(0, out);
@@ -124,14 +136,7 @@ TEST(CopyImage, ZeroGranulesInsideDataAndUnalignedTail) {
     o.chunk_size = 65536;
     o.readers = readers;
     o.queue_chunks = 2;
-    uint64_t last_progress = 0;
-    o.progress = [&](uint64_t done) {
-      EXPECT_GT(done, last_progress);
-      last_progress = done;
-    };
-    auto r = copy_image(**src, **dst, o);
-    ASSERT_TRUE(r) << r.error().message();
-    EXPECT_EQ(last_progress, size);
+    ASSERT_NO_FATAL_FAILURE(copy_checking_progress(**src, **dst, o));
     EXPECT_EQ(read_all(**dst), content);
     // Granules of zeros stay holes, whether the source had them as holes or as written zeros.
     EXPECT_EQ(allocated_granules(**dst, 4096), nonzero_granules(content, 4096)) << "readers " << readers;
@@ -200,14 +205,7 @@ TEST(CopyImage, Qcow2TargetsPlainCompressedAndOverABackingFile) {
     // Compressing readers write themselves, each from its own buffer, however few were asked for.
     o.readers = compress ? 3 : 0;
     o.queue_chunks = compress ? 1 : 0;
-    uint64_t last_progress = 0;
-    o.progress = [&](uint64_t done) {
-      EXPECT_GT(done, last_progress);
-      last_progress = done;
-    };
-    auto r = copy_image(**src, **dst, o);
-    ASSERT_TRUE(r) << r.error().message();
-    EXPECT_EQ(last_progress, size);
+    ASSERT_NO_FATAL_FAILURE(copy_checking_progress(**src, **dst, o));
     ASSERT_TRUE((*dst)->close());
     auto back = Qcow2Image::open(dst_path, OpenMode::ReadOnly);
     ASSERT_TRUE(back);

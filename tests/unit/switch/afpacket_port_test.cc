@@ -102,6 +102,19 @@ protected:
   UniqueFd sender_;
 };
 
+// Receives on `port` until a batch starts with a frame the test sent (source MAC kA; the kernel may
+// send its own on a fresh link), for up to 5 s.
+void receive_ours(Port& port, PacketBatch& batch) {
+  for (int i = 0; i < 100 && batch.size() == 0; ++i) {
+    port.receive(batch);
+    if (batch.size() && !std::equal(kA, kA + 6, batch[0].data + 6)) batch.reset();
+    if (batch.size() == 0) {
+      pollfd p{port.poll_fd(), POLLIN, 0};
+      poll(&p, 1, 50);
+    }
+  }
+}
+
 std::vector<uint8_t> sized_frame(size_t len, uint32_t seq) {
   auto f = test::ipv4_frame(kB, kA, 0x0a000001, 0x0a000002, 17, 1000, 2000);
   f.resize(len);
@@ -169,13 +182,7 @@ TEST_F(AfPacketPortTest, TcpSuperFramesArriveWholeAndCutIntoValidSegments) {
     const size_t l4 = tci >= 0 ? 38 : 34;
     send(f, VnetHeader{kNeedsCsum, kGsoTcpv4, uint16_t(l4 + 20), uint16_t(kMss), uint16_t(l4), 16});
     PacketBatch batch;
-    for (int i = 0; i < 100 && batch.size() == 0; ++i) {
-      port_->receive(batch);
-      if (batch.size() == 0) {
-        pollfd p{port_->poll_fd(), POLLIN, 0};
-        poll(&p, 1, 50);
-      }
-    }
+    receive_ours(*port_, batch);
     ASSERT_EQ(batch.size(), 1u);
     const Frame& got = batch[0];
     ASSERT_TRUE(got.is_super());
@@ -197,13 +204,7 @@ TEST_F(AfPacketPortTest, SuperFramesLeaveWholeThroughAnotherAfPacketPort) {
   auto f = test::super_frame(30000, 7);
   send(f, VnetHeader{kNeedsCsum, kGsoTcpv4, 54, uint16_t(kMss), 34, 16});
   PacketBatch batch;
-  for (int i = 0; i < 100 && batch.size() == 0; ++i) {
-    port_->receive(batch);
-    if (batch.size() == 0) {
-      pollfd p{port_->poll_fd(), POLLIN, 0};
-      poll(&p, 1, 50);
-    }
-  }
+  receive_ours(*port_, batch);
   ASSERT_EQ(batch.size(), 1u);
   ASSERT_TRUE(batch[0].is_super());
   auto b = open_afpacket_port("ksw-b");
@@ -213,15 +214,7 @@ TEST_F(AfPacketPortTest, SuperFramesLeaveWholeThroughAnotherAfPacketPort) {
   EXPECT_EQ(port_->counters.tx_packets, 1u);
   EXPECT_EQ(port_->counters.tx_bytes, f.size());
   PacketBatch out;
-  for (int i = 0; i < 100 && out.size() == 0; ++i) {
-    (*b)->receive(out);
-    // Only our frame counts (the kernel may send its own on a fresh link).
-    if (out.size() && !std::equal(kA, kA + 6, out[0].data + 6)) out.reset();
-    if (out.size() == 0) {
-      pollfd p{(*b)->poll_fd(), POLLIN, 0};
-      poll(&p, 1, 50);
-    }
-  }
+  receive_ours(**b, out);
   ASSERT_EQ(out.size(), 1u);
   ASSERT_TRUE(out[0].is_super()) << "the frame was segmented on the way";
   EXPECT_EQ(out[0].payload_len, 30000u);
