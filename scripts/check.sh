@@ -30,8 +30,21 @@ count() {  # log -> "passed failed"
 }
 
 # Integration tests boot guests and start daemons; two at a time is what two cores carry.
-run_ctest main --test-dir "$build" -j "$jobs" --timeout 900
+# A test that fails gets one more run: TCG guests booting side by side on two loaded cores have
+# rare timing failures (a guest panics before its root is mounted, a first ping goes unanswered).
+# Every first failure still prints its output, and the summary below names each test that passed
+# only on its second run, so a flaky test stays visible and gets fixed.
+run_ctest main --test-dir "$build" -j "$jobs" --timeout 900 --repeat until-pass:2
 run_ctest asan --test-dir "$asan_build" -L 'unit|fuzz' -j "$jobs" --timeout 600
+
+# ctest prints "N/M Test #K: name ...***Failed" for a first run that failed, then the retry.
+retried=$(grep -E '^ *[0-9]+/[0-9]+ Test +#[0-9]+: .*\*\*\*(Failed|Timeout|Exception)' "$log_dir/main.log" |
+  sed -E 's/.*Test +#[0-9]+: ([^ ]+) .*/\1/' | sort -u)
+for name in $retried; do
+  if grep -qE "^ *Test +#[0-9]+: $name \.+ +Passed" "$log_dir/main.log"; then
+    echo "FLAKY: $name failed once and passed on its second run (its first output is above)"
+  fi
+done
 
 passed=0
 failed=0
