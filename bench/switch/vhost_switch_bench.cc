@@ -13,7 +13,8 @@
 // big-endian length, then the frame), the path a VM has to the switch without vhost-user. Runs
 // alternate (vhost-user, stream, vhost-user, ...) so the shared cores' noise hits both; medians and
 // the vhost/stream ratio are printed. --veth-pps N adds the ratio to keel-switch's AF_PACKET veth
-// path (64-byte pps, from run.sh).
+// path (64-byte pps, from run.sh). Last, TCP payload Gb/s between the two guests with and without
+// segmentation offload (64 KB super-frames vs 1514-byte frames; see run_vhost_tcp).
 //
 //   ksw-vhost-bench [--seconds 1.0] [--rounds 3] [--sizes 64,1500] [--busy-poll]
 //                   [--veth-pps-normal N] [--veth-pps-flows N]
@@ -41,6 +42,7 @@
 #include "switch/port.h"
 #include "switch/vhost_user_port.h"
 #include "synthetic_frontend.h"
+#include "vhost/net_port.h"
 
 using namespace keel;
 using namespace keel::sw;
@@ -69,9 +71,9 @@ uint16_t ip_checksum(const uint8_t* p, size_t n) {
   return uint16_t(~sum);
 }
 
-// Ethernet + IPv4 + UDP, `size` bytes in all (no FCS), 10.0.0.x -> 10.0.0.y.
-std::vector<uint8_t> udp_frame(size_t size, const uint8_t dst[6], const uint8_t src[6], uint16_t sport) {
-  std::vector<uint8_t> f(std::max<size_t>(size, 42));
+// Ethernet + IPv4 header (no options) from `src` to `dst`, 10.0.0.x -> 10.0.0.y, for a frame of
+// f.size() bytes; returns the IP header.
+uint8_t* write_ipv4_headers(std::vector<uint8_t>& f, const uint8_t dst[6], const uint8_t src[6], uint8_t proto) {
   std::memcpy(f.data(), dst, 6);
   std::memcpy(f.data() + 6, src, 6);
   f[12] = 0x08;
@@ -82,13 +84,21 @@ std::vector<uint8_t> udp_frame(size_t size, const uint8_t dst[6], const uint8_t 
   ip[2] = uint8_t(ip_len >> 8);
   ip[3] = uint8_t(ip_len);
   ip[8] = 64;
-  ip[9] = 17;
+  ip[9] = proto;
   const uint8_t sip[4] = {10, 0, 0, src[5]}, dip[4] = {10, 0, 0, dst[5]};
   std::memcpy(ip + 12, sip, 4);
   std::memcpy(ip + 16, dip, 4);
   uint16_t c = ip_checksum(ip, 20);
   ip[10] = uint8_t(c >> 8);
   ip[11] = uint8_t(c);
+  return ip;
+}
+
+// Ethernet + IPv4 + UDP, `size` bytes in all (no FCS), 10.0.0.x -> 10.0.0.y.
+std::vector<uint8_t> udp_frame(size_t size, const uint8_t dst[6], const uint8_t src[6], uint16_t sport) {
+  std::vector<uint8_t> f(std::max<size_t>(size, 42));
+  uint8_t* ip = write_ipv4_headers(f, dst, src, 17);
+  uint16_t ip_len = uint16_t(f.size() - 14);
   uint8_t* udp = ip + 20;
   uint16_t udp_len = uint16_t(ip_len - 20);
   udp[0] = uint8_t(sport >> 8);
@@ -201,79 +211,163 @@ private:
 };
 
 // --- vhost-user: two synthetic guests ---
-Figures run_vhost(size_t size, double seconds, bool flows10k, bool busy_poll, const std::string& dir) {
-  std::string sock_a = dir + "/vm-a.sock", sock_b = dir + "/vm-b.sock";
+// Two synthetic guests on two `vhostuser` ports of the switch, their receive queues filled, each
+// MAC learnt by NORMAL (each guest announces itself), so what follows is unicast.
+struct GuestPair {
   std::unique_ptr<vhost::testing::SyntheticFrontend> a, b;
+};
+GuestPair connect_guests(SwitchThread& sw, bool flows10k, const std::string& dir,
+                         const vhost::testing::FrontendOptions& fopts) {
+  std::string sock_a = dir + "/vm-a.sock", sock_b = dir + "/vm-b.sock";
+  for (const auto& [name, path] : {std::pair{"vm-a", sock_a}, std::pair{"vm-b", sock_b}}) {
+    VhostUserPortOptions options;
+    options.socket_path = path;
+    auto port = open_vhost_user_port(options);
+    if (!port) die(port.error().message());
+    if (!sw.bridge().add_port(name, "vhostuser", std::move(*port))) die("add_port");
+  }
+  install_flows(sw.bridge(), flows10k);
+  sw.start();
+  GuestPair g;
+  for (auto* fe : {&g.a, &g.b}) {
+    auto fe_or = vhost::testing::SyntheticFrontend::connect(fe == &g.a ? sock_a : sock_b, fopts);
+    if (!fe_or) die(fe_or.error().message());
+    *fe = std::move(*fe_or);
+    if (auto r = (*fe)->start(); !r) die("front-end start: " + r.error().message());
+    (*fe)->post_rx_buffers(0);
+  }
+  auto learn_b = udp_frame(64, kMacA, kMacB, 1);
+  auto learn_a = udp_frame(64, kMacB, kMacA, 1);
+  bool learnt = false;
+  for (int attempt = 0; attempt < 200 && !learnt; ++attempt) {
+    g.b->transmit(0, learn_b);
+    g.b->kick(1, true);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    g.a->transmit(0, learn_a);
+    g.a->kick(1, true);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    learnt = g.a->receive(0, [](std::span<const uint8_t>) {}) > 0 && g.b->receive(0, [](std::span<const uint8_t>) {}) > 0;
+    g.a->reclaim_tx(0);
+    g.b->reclaim_tx(0);
+  }
+  if (!learnt) die("vhost-user: the guests cannot reach each other");
+  return g;
+}
+
+// Guest A transmits (transmit(n) queues frame n; false when its ring is full) and guest B takes
+// frames out for `seconds`, with at most `window` frames in flight. Figures count what B got:
+// frames, and bits as `bytes_of` counts them.
+template <typename Transmit, typename BytesOf>
+Figures run_traffic(vhost::testing::SyntheticFrontend& a, vhost::testing::SyntheticFrontend& b, double seconds,
+                    uint64_t window, Transmit&& transmit, BytesOf&& bytes_of) {
+  // retired = received + given up as lost; the window counts frames neither received nor lost.
+  uint64_t sent = 0, received = 0, retired = 0, bytes = 0;
+  auto on_frame = [&](std::span<const uint8_t> f) {
+    ++received;
+    ++retired;
+    bytes += bytes_of(f);
+  };
+  auto start = BenchClock::now();
+  auto deadline = start + std::chrono::duration<double>(seconds);
+  uint64_t spins = 0;
+  while ((++spins & 63) != 0 || BenchClock::now() < deadline) {
+    bool progress = false;
+    while (sent - retired < window && transmit(sent)) {
+      ++sent;
+      progress = true;
+    }
+    a.kick(1);
+    a.reclaim_tx(0);
+    if (b.receive(0, on_frame)) progress = true;
+    // Frames the switch dropped (none should be) would shrink the window for good: once the
+    // switch has taken every frame A sent and B has nothing more, the rest are lost.
+    if (!progress) {
+      std::this_thread::yield();
+      if (a.free_descriptors(1) == a.queue_size() && sent - retired >= window) retired = sent;
+    }
+  }
+  double elapsed = std::chrono::duration<double>(BenchClock::now() - start).count();
+  return {received / elapsed, bytes * 8.0 / elapsed / 1e9, sent - received};
+}
+
+Figures run_vhost(size_t size, double seconds, bool flows10k, bool busy_poll, const std::string& dir) {
   Figures fig;
   {
     SwitchThread sw(busy_poll);
-    for (const auto& [name, path] : {std::pair{"vm-a", sock_a}, std::pair{"vm-b", sock_b}}) {
-      VhostUserPortOptions options;
-      options.socket_path = path;
-      auto port = open_vhost_user_port(options);
-      if (!port) die(port.error().message());
-      if (!sw.bridge().add_port(name, "vhostuser", std::move(*port))) die("add_port");
-    }
-    install_flows(sw.bridge(), flows10k);
-    sw.start();
     vhost::testing::FrontendOptions fopts;
     fopts.queue_size = 256;
-    for (auto* fe : {&a, &b}) {
-      auto fe_or = vhost::testing::SyntheticFrontend::connect(fe == &a ? sock_a : sock_b, fopts);
-      if (!fe_or) die(fe_or.error().message());
-      *fe = std::move(*fe_or);
-      if (auto r = (*fe)->start(); !r) die("front-end start: " + r.error().message());
-      (*fe)->post_rx_buffers(0);
-    }
-    // Each guest announces itself, so NORMAL learns both MACs and the run is unicast.
-    auto learn_b = udp_frame(64, kMacA, kMacB, 1);
-    auto learn_a = udp_frame(64, kMacB, kMacA, 1);
-    bool learnt = false;
-    for (int attempt = 0; attempt < 200 && !learnt; ++attempt) {
-      b->transmit(0, learn_b);
-      b->kick(1, true);
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      a->transmit(0, learn_a);
-      a->kick(1, true);
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      learnt = a->receive(0, [](std::span<const uint8_t>) {}) > 0 && b->receive(0, [](std::span<const uint8_t>) {}) > 0;
-      a->reclaim_tx(0);
-      b->reclaim_tx(0);
-    }
-    if (!learnt) die("vhost-user: the guests cannot reach each other");
+    GuestPair guests = connect_guests(sw, flows10k, dir, fopts);
+    auto& a = guests.a;
+    auto& b = guests.b;
 
     auto frames = traffic(size);
-    const uint64_t window = 224;  // frames in flight: fits B's 256 receive buffers
-    // retired = received + given up as lost; the window counts frames neither received nor lost.
-    uint64_t sent = 0, received = 0, retired = 0, bytes = 0;
-    auto on_frame = [&](std::span<const uint8_t> f) {
-      ++received;
-      ++retired;
-      bytes += f.size();
-    };
-    auto start = BenchClock::now();
-    auto deadline = start + std::chrono::duration<double>(seconds);
-    uint64_t spins = 0;
-    while ((++spins & 63) != 0 || BenchClock::now() < deadline) {
-      bool progress = false;
-      while (sent - retired < window && a->transmit(0, frames[sent & 15])) {
-        ++sent;
-        progress = true;
-      }
-      a->kick(1);
-      a->reclaim_tx(0);
-      if (b->receive(0, on_frame)) progress = true;
-      // Frames the switch dropped (none should be) would shrink the window for good: once the
-      // switch has taken every frame A sent and B has nothing more, the rest are lost.
-      if (!progress) {
-        std::this_thread::yield();
-        if (a->free_descriptors(1) == a->queue_size() && sent - retired >= window) retired = sent;
-      }
-    }
-    double elapsed = std::chrono::duration<double>(BenchClock::now() - start).count();
-    fig = {received / elapsed, bytes * 8.0 / elapsed / 1e9, sent - received};
+    // Frames in flight: 224 fits B's 256 receive buffers.
+    fig = run_traffic(*a, *b, seconds, 224, [&](uint64_t n) { return a->transmit(0, frames[n & 15]); },
+                      [](std::span<const uint8_t> f) { return f.size(); });
     sw.stop();
   }
+  return fig;
+}
+
+// --- TCP with and without segmentation offload, vhost-user both ways ---
+//
+// Guest A sends a TCP stream to guest B. With offload (what a Linux guest does when the NIC offers
+// HOST_TSO4) it hands over 64 KB super-frames behind a virtio-net header (45 segments of 1448
+// bytes, partial checksum); without, the same bytes as 1514-byte frames with their checksums done.
+// B takes super-frames whole (GUEST_TSO4). Measured: TCP payload Gb/s at B.
+
+// Ethernet + IPv4 + TCP headers (54 bytes) in front of `payload` bytes, A -> B.
+std::vector<uint8_t> tcp_frame(size_t payload, uint32_t seq, bool partial_checksum) {
+  std::vector<uint8_t> f(54 + payload);
+  uint8_t* ip = write_ipv4_headers(f, kMacB, kMacA, 6);
+  uint8_t* tcp = ip + 20;
+  tcp[0] = 0x9c, tcp[1] = 0x40, tcp[2] = 0x13, tcp[3] = 0x89;  // 40000 -> 5001
+  tcp[4] = uint8_t(seq >> 24), tcp[5] = uint8_t(seq >> 16), tcp[6] = uint8_t(seq >> 8), tcp[7] = uint8_t(seq);
+  tcp[12] = 0x50;
+  tcp[13] = 0x10;  // ACK
+  tcp[14] = 0xff, tcp[15] = 0xff;
+  for (size_t i = 0; i < payload; ++i) f[54 + i] = uint8_t(i * 7);
+  // The pseudo-header sum; a finished checksum adds the segment and complements.
+  uint32_t sum = 0;
+  for (int i = 0; i < 8; i += 2) sum += uint32_t(ip[12 + i] << 8 | ip[13 + i]);
+  sum += 6 + uint32_t(f.size() - 34);
+  if (!partial_checksum)
+    for (size_t i = 34; i < f.size(); i += 2) sum += uint32_t(f[i] << 8 | (i + 1 < f.size() ? f[i + 1] : 0));
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  uint16_t field = partial_checksum ? uint16_t(sum) : uint16_t(~sum);
+  tcp[16] = uint8_t(field >> 8);
+  tcp[17] = uint8_t(field);
+  return f;
+}
+
+Figures run_vhost_tcp(bool offload, double seconds, bool busy_poll, const std::string& dir) {
+  Figures fig;
+  SwitchThread sw(busy_poll);
+  vhost::testing::FrontendOptions fopts;
+  fopts.queue_size = 1024;  // 64 KB super-frames take 33 buffers of 2 KB
+  fopts.memory_size = 64 << 20;
+  GuestPair guests = connect_guests(sw, false, dir, fopts);
+  auto& a = guests.a;
+  auto& b = guests.b;
+  const uint64_t tso = uint64_t{1} << vhost::kVirtioNetFHostTso4;
+  if (offload && (a->acked_features() & tso) == 0) die("vhost-user: the switch offers no TCP segmentation offload");
+
+  constexpr size_t kMss = 1448, kSegments = 45;
+  std::vector<std::vector<uint8_t>> frames;
+  if (offload) {
+    frames.push_back(tcp_frame(kMss * kSegments, 1, true));
+  } else {
+    for (size_t k = 0; k < kSegments; ++k) frames.push_back(tcp_frame(kMss, uint32_t(1 + k * kMss), false));
+  }
+  // virtio_net_hdr: NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size, csum_start 34, csum_offset 16.
+  const uint8_t header[12] = {1, 1, 54, 0, uint8_t(kMss), uint8_t(kMss >> 8), 34, 0, 16, 0, 0, 0};
+  std::span<const uint8_t> hdr = offload ? std::span<const uint8_t>(header, 12) : std::span<const uint8_t>();
+  // Frames in flight: fits B's 1024 receive buffers.
+  fig = run_traffic(
+      *a, *b, seconds, offload ? 24 : 400,
+      [&](uint64_t n) { return a->transmit(0, frames[n % frames.size()], vhost::testing::TxLayout::Single, hdr); },
+      [](std::span<const uint8_t> f) { return f.size() - 54; });
+  sw.stop();
   return fig;
 }
 
@@ -488,6 +582,30 @@ int main(int argc, char** argv) {
     if (have_veth && r.veth_pps > 0) std::printf(" %10.0f %8.2fx", r.veth_pps / 1e3, r.vhost.frames_per_s / r.veth_pps);
     std::printf("\n");
   }
+
+  // TCP: what a guest gets with segmentation offload negotiated vs without (the same bytes).
+  std::vector<double> with, without;
+  uint64_t missing = 0;
+  for (int r = 0; r < rounds; ++r) {
+    Figures t = run_vhost_tcp(true, seconds, busy_poll, dir);
+    Figures p = run_vhost_tcp(false, seconds, busy_poll, dir);
+    missing = std::max({missing, t.not_received, p.not_received});
+    with.push_back(t.gbit_per_s);
+    without.push_back(p.gbit_per_s);
+  }
+  double w = median(with), wo = median(without);
+  auto gbits = [](const std::vector<double>& v) {
+    std::string out;
+    char b[32];
+    for (double x : v) out += (std::snprintf(b, sizeof b, out.empty() ? "%.2f" : " %.2f", x), b);
+    return out;
+  };
+  std::printf("\nTCP payload, VM -> keel-switch -> VM over vhost-user (not received <= %llu)\n"
+              "  segmentation offload (64 KB super-frames) Gb/s [%s]\n"
+              "  none (1514-byte frames)                   Gb/s [%s]\n"
+              "%-16s %9.2f Gb/s with offload, %.2f Gb/s without: %.2fx\n",
+              static_cast<unsigned long long>(missing), gbits(with).c_str(), gbits(without).c_str(),
+              "tcp offload", w, wo, wo > 0 ? w / wo : 0.0);
   std::filesystem::remove_all(dir);
   return 0;
 }

@@ -71,6 +71,41 @@ uint16_t ones_finish(uint32_t sum) {
   return uint16_t(~sum);
 }
 
+bool finish_partial_checksum(uint8_t* d, size_t len, size_t start, size_t offset) {
+  size_t field = start + offset;
+  if (start >= len || field + 2 > len) return false;
+  uint16_t sum = ones_finish(ones_sum(d + start, len - start));
+  d[field] = uint8_t(sum >> 8);
+  d[field + 1] = uint8_t(sum);
+  return true;
+}
+
+bool take_offloaded_frame(Frame& out, const uint8_t* frame, size_t len, const OffloadHeader& h, uint8_t* slot) {
+  constexpr uint8_t kNeedsCsum = 1, kGsoTcpv4 = 1, kGsoTcpv6 = 4, kGsoEcn = 0x80;
+  const size_t room = Frame::kBufferSize - Frame::kHeadroom;
+  if (h.gso_type == 0) {
+    if (len > room) return false;
+    std::memcpy(out.data, frame, len);
+    out.len = uint32_t(len);
+    return !(h.flags & kNeedsCsum) || finish_partial_checksum(out.data, out.len, h.csum_start, h.csum_offset);
+  }
+  uint8_t type = h.gso_type & ~kGsoEcn;
+  if (type != kGsoTcpv4 && type != kGsoTcpv6) return false;
+  if (!(h.flags & kNeedsCsum) || h.gso_size == 0 || len > kSuperPayloadMax) return false;
+  // Headers are looked for in the first 256 bytes (two VLAN tags, IPv6 extension headers, TCP
+  // options); the TCP checksum field keeps the pseudo-header sum the sender left.
+  size_t hdr = tcp_headers_end(frame, std::min<size_t>(len, 256));
+  if (hdr == 0 || hdr >= len || hdr + h.gso_size > room) return false;
+  std::memcpy(out.data, frame, hdr);
+  std::memcpy(slot, frame + hdr, len - hdr);
+  out.len = uint32_t(hdr);
+  out.payload = slot;
+  out.payload_len = uint32_t(len - hdr);
+  out.offload.gso_type = h.gso_type;
+  out.offload.gso_size = h.gso_size;
+  return true;
+}
+
 size_t tcp_headers_end(const uint8_t* d, size_t len) {
   FlowKey key;
   FrameLayout l;

@@ -53,6 +53,29 @@ uint16_t ones_finish(uint32_t sum);
 // Where the TCP header of a TCP/IPv4 or TCP/IPv6 frame ends (0 if it is not one, or truncated).
 size_t tcp_headers_end(const uint8_t* frame, size_t len);
 
+// Completes a partial checksum (a sender's checksum offload): the field at csum_start + csum_offset
+// holds the pseudo-header sum; the sum runs from csum_start to the end. False when either lies
+// outside the frame.
+bool finish_partial_checksum(uint8_t* frame, size_t len, size_t csum_start, size_t csum_offset);
+
+// What a sender's offloads say about a frame: the virtio-net header's fields, host byte order.
+struct OffloadHeader {
+  uint8_t flags = 0;     // VIRTIO_NET_HDR_F_NEEDS_CSUM (1): a partial checksum
+  uint8_t gso_type = 0;  // 0, or VIRTIO_NET_HDR_GSO_TCPV4 (1) / TCPV6 (4), ECN bit (0x80)
+  uint16_t gso_size = 0;
+  uint16_t csum_start = 0;
+  uint16_t csum_offset = 0;
+};
+// Room a super-frame's payload needs in a slot: the largest IP packet.
+inline constexpr size_t kSuperPayloadMax = 65535;
+
+// Takes a frame that arrived behind `h` (from a VM's virtio-net driver) into `out`: an ordinary frame
+// is copied, its partial checksum finished; a TCP super-frame keeps its headers in `out` and its
+// payload in `slot` (kSuperPayloadMax bytes), which must outlive the frame. `h` comes from the sender
+// and is checked against the frame: only TCP over IPv4/IPv6 with a partial checksum, and segments
+// that fit a frame buffer. False (nothing usable in `out`) when the frame is malformed.
+bool take_offloaded_frame(Frame& out, const uint8_t* frame, size_t len, const OffloadHeader& h, uint8_t* slot);
+
 // Cuts a TCP super-frame (headers `hdr` of `hdr_len` bytes, exactly up to the end of the TCP header,
 // VLAN tags included; `payload` separate) into segments of at most `mss` payload bytes, fixing IP
 // lengths and ids, sequence numbers, FIN/PSH/CWR and both checksums, as the sender's NIC would. Each

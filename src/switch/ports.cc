@@ -187,8 +187,6 @@ constexpr uint8_t VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
 constexpr uint8_t VIRTIO_NET_HDR_GSO_NONE = 0, VIRTIO_NET_HDR_GSO_TCPV4 = 1, VIRTIO_NET_HDR_GSO_TCPV6 = 4,
                   VIRTIO_NET_HDR_GSO_ECN = 0x80;
 
-void put16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v >> 8); p[1] = uint8_t(v); }
-
 // AF_PACKET: a TPACKET_V2 receive ring, sendmmsg to transmit.
 //
 // Received frames land in a ring shared with the kernel (PACKET_RX_RING): the kernel copies each
@@ -382,7 +380,8 @@ private:
   // Finishes an ordinary frame already in `f` (the next slot of the batch): completes a partial
   // checksum, re-inserts the VLAN tag. Returns 1 when the frame joined the batch.
   size_t accept(PacketBatch& batch, Frame& f, const virtio_net_hdr& vh, int tci, uint16_t tpid) {
-    if (f.len < 14 || ((vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !finish_checksum(f.data, f.len, vh))) {
+    if (f.len < 14 || ((vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+                       !finish_partial_checksum(f.data, f.len, vh.csum_start, vh.csum_offset))) {
       counters.rx_errors++;
       return 0;
     }
@@ -447,14 +446,6 @@ private:
     tpacket_stats st{};
     socklen_t len = sizeof st;
     if (getsockopt(fd_.get(), SOL_PACKET, PACKET_STATISTICS, &st, &len) == 0) counters.rx_dropped += st.tp_drops;
-  }
-
-  // Completes a partial checksum: the field holds the pseudo-header sum; sum from csum_start on.
-  static bool finish_checksum(uint8_t* d, size_t len, const virtio_net_hdr& vh) {
-    size_t start = vh.csum_start, field = size_t(vh.csum_start) + vh.csum_offset;
-    if (start >= len || field + 2 > len) return false;
-    put16(d + field, ones_finish(ones_sum(d + start, len - start)));
-    return true;
   }
 
   // TCP segmentation of a super-frame (untagged bytes `d`), as the sender's NIC would have done;

@@ -71,6 +71,8 @@ const std::vector<std::string> kPortTypes = {"system", "tap", "internal", "strea
 // options:socket-path or STATE_DIR/vhost-user/PORT; with options:vhost-server-path QEMU is the
 // server and the switch connects to it (OVS dpdkvhostuserclient, also accepted as
 // type=vhostuserclient). options:queue-pairs=N (default 1) is the most the guest may enable.
+// options:offloads=false stops offering the guest checksum and TCP segmentation offload (on by
+// default; as OVS's userspace-tso-enable, but per port).
 Result<VhostUserPortOptions> vhost_user_options(const std::string& name, const std::string& type, const json& opts,
                                                 const std::string& state_dir) {
   auto opt = [&](const char* k) { return opts.contains(k) ? opts[k].get<std::string>() : std::string(); };
@@ -99,6 +101,10 @@ Result<VhostUserPortOptions> vhost_user_options(const std::string& name, const s
     uint64_t pairs = TRY(parse_u64(n, "queue-pairs"));
     if (pairs < 1 || pairs > 128) return fail_invalid("port {}: queue-pairs {} out of range (1-128)", name, pairs);
     o.queue_pairs = uint16_t(pairs);
+  }
+  if (std::string v = opt("offloads"); !v.empty()) {
+    if (v != "true" && v != "false") return fail_invalid("port {}: options:offloads={} (true or false)", name, v);
+    o.offloads = v == "true";
   }
   return o;
 }

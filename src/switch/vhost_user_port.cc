@@ -39,18 +39,27 @@ public:
       sync_error_counters();
     }
     size_t added = 0;
+    if (next_ == 0) super_used_ = 0;  // the bridge is done with the frames of the last batch
     // Copied, not referenced: the datapath rewrites frames in place (VLAN push, set-field) and the
     // guest may rewrite its buffers at any time.
     while (next_ < rx_.size() && batch.size() < PacketBatch::kCapacity) {
-      std::span<const uint8_t> frame = rx_.frame(next_++);
-      if (frame.size() > Frame::kBufferSize - Frame::kHeadroom) {
+      size_t i = next_++;
+      std::span<const uint8_t> frame = rx_.frame(i);
+      const vhost::VirtioNetHdr& vh = rx_.header(i);
+      Frame& out = batch[batch.size()];
+      out.reset_to_headroom();
+      // A partial checksum is finished here, since every port past this one expects complete
+      // frames; a TCP super-frame's payload goes in one of our slots until the bridge asks for the
+      // next batch.
+      if (vh.gso_type != vhost::kVirtioNetHdrGsoNone && !super_slots_)
+        super_slots_.reset(new uint8_t[PacketBatch::kCapacity * kSuperPayloadMax]);
+      uint8_t* slot = super_slots_ ? super_slots_.get() + super_used_ * kSuperPayloadMax : nullptr;
+      OffloadHeader h{vh.flags, vh.gso_type, vh.gso_size, vh.csum_start, vh.csum_offset};
+      if (!take_offloaded_frame(out, frame.data(), frame.size(), h, slot)) {
         counters.rx_errors++;
         continue;
       }
-      Frame& out = batch[batch.size()];
-      out.reset_to_headroom();
-      std::memcpy(out.data, frame.data(), frame.size());
-      out.len = uint32_t(frame.size());
+      if (out.is_super()) ++super_used_;
       batch.set_size(batch.size() + 1);
       ++added;
     }
@@ -82,6 +91,32 @@ public:
     staged_ = 0;
   }
 
+  // A TCP super-frame goes to a guest that negotiated segmentation offload whole, behind a header
+  // that describes it (its checksum field holds the pseudo-header sum: a partial checksum); other
+  // guests get it cut into segments (Port::send_frame).
+  void send_frame(const Frame& f) override {
+    if (!f.is_super() || !net_->guest_accepts(f.offload.gso_type)) {
+      Port::send_frame(f);
+      return;
+    }
+    if (!net_->link_up()) {
+      counters.tx_dropped++;
+      return;
+    }
+    flush();  // frames staged before it reach the guest before it
+    FlowKey key;
+    FrameLayout l;
+    extract_flow(f.data, f.len, 0, key, l);
+    vhost::VirtioNetHdr vh{vhost::kVirtioNetHdrFNeedsCsum, f.offload.gso_type, uint16_t(f.len), f.offload.gso_size,
+                           uint16_t(l.l4), 16, 0};
+    if (net_->send_offloaded(vh, {f.data, f.len}, {f.payload, f.payload_len})) {
+      counters.tx_packets++;
+      counters.tx_bytes += f.wire_len();
+    } else {
+      counters.tx_dropped++;
+    }
+  }
+
   bool link_up() const override { return net_->link_up(); }
   bool has_pending() const override { return next_ < rx_.size(); }
   bool take_link_changed() override { return std::exchange(link_changed_, false); }
@@ -103,6 +138,9 @@ private:
   vhost::RxBatch rx_;
   size_t next_ = 0;  // first frame of rx_ not yet copied into a PacketBatch
   std::unique_ptr<uint8_t[]> tx_buf_;
+  // Payloads of the super-frames of the current batch (allocated at the first one: 2 MB).
+  std::unique_ptr<uint8_t[]> super_slots_;
+  size_t super_used_ = 0;
   std::array<std::span<const uint8_t>, kTxSlots> staged_frames_{};
   size_t staged_ = 0;
   bool link_changed_ = false;
@@ -125,6 +163,7 @@ Result<std::unique_ptr<Port>> open_vhost_user_port(const VhostUserPortOptions& o
   net_options.socket_path = options.socket_path;
   net_options.mode = options.mode == VhostSocketMode::Server ? vhost::SocketMode::Server : vhost::SocketMode::Client;
   net_options.queue_pairs = options.queue_pairs;
+  net_options.offloads = options.offloads;
   auto net = TRY_CTX(vhost::VhostNetPort::create(std::move(net_options)), "vhost-user " + options.socket_path);
   return std::unique_ptr<Port>(new VhostUserPort(std::move(net)));
 }

@@ -8,27 +8,26 @@ namespace keel::vhost {
 
 namespace {
 
-// Copies bytes [pos, pos + n) of the logical stream "header then frame" into `segments`, starting
-// at the beginning of the segments. Returns how many bytes it wrote (bounded by the segments'
-// room).
-size_t write_stream(std::span<const BufferSegment> segments, const uint8_t* header, size_t header_len,
-                    std::span<const uint8_t> frame, size_t pos) {
-  size_t total = header_len + frame.size();
+// The bytes a frame is sent as: the virtio-net header, then the frame's head and payload (a plain
+// frame is all head).
+struct OutStream {
+  std::span<const uint8_t> parts[3];
+  size_t size() const { return parts[0].size() + parts[1].size() + parts[2].size(); }
+};
+
+// Copies the stream from byte `pos` on into `segments`, starting at the beginning of the
+// segments. Returns how many bytes it wrote (bounded by the segments' room).
+size_t write_stream(std::span<const BufferSegment> segments, const OutStream& stream, size_t pos) {
+  const size_t total = stream.size();
   size_t written = 0;
   for (const BufferSegment& seg : segments) {
     size_t seg_off = 0;
     while (seg_off < seg.len && pos < total) {
-      const uint8_t* src;
-      size_t avail;
-      if (pos < header_len) {
-        src = header + pos;
-        avail = header_len - pos;
-      } else {
-        src = frame.data() + (pos - header_len);
-        avail = total - pos;
-      }
-      size_t n = std::min<size_t>(avail, seg.len - seg_off);
-      std::memcpy(seg.data + seg_off, src, n);
+      // The part `pos` lies in, and how far into it.
+      size_t part = 0, in_part = pos;
+      while (in_part >= stream.parts[part].size()) in_part -= stream.parts[part++].size();
+      size_t n = std::min<size_t>(stream.parts[part].size() - in_part, seg.len - seg_off);
+      std::memcpy(seg.data + seg_off, stream.parts[part].data() + in_part, n);
       seg_off += n;
       pos += n;
       written += n;
@@ -36,6 +35,35 @@ size_t write_stream(std::span<const BufferSegment> segments, const uint8_t* head
     if (pos == total) break;
   }
   return written;
+}
+
+// Reads the first `n` bytes of a chain's readable segments into `out` (the virtio-net header, which
+// a guest may split over descriptors).
+void read_prefix(std::span<const BufferSegment> segments, uint8_t* out, size_t n) {
+  for (const BufferSegment& seg : segments) {
+    if (n == 0) break;
+    size_t k = std::min<size_t>(seg.len, n);
+    std::memcpy(out, seg.data, k);
+    out += k;
+    n -= k;
+  }
+}
+
+uint16_t le16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
+void put_le16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v);
+  p[1] = static_cast<uint8_t>(v >> 8);
+}
+
+// The header's wire form (little-endian), `size` bytes of it (10 or 12).
+void encode_header(const VirtioNetHdr& h, uint8_t* out) {
+  out[0] = h.flags;
+  out[1] = h.gso_type;
+  put_le16(out + 2, h.hdr_len);
+  put_le16(out + 4, h.gso_size);
+  put_le16(out + 6, h.csum_start);
+  put_le16(out + 8, h.csum_offset);
+  put_le16(out + 10, h.num_buffers);
 }
 
 // Live migration: marks the first `bytes` bytes of `segments` (what write_stream() filled) dirty.
@@ -74,6 +102,10 @@ uint64_t VhostNetPort::device_features() const {
                feature_bit(kVirtioNetFStatus);
   if (options_.mergeable_rx_buffers) f |= feature_bit(kVirtioNetFMrgRxbuf);
   if (options_.queue_pairs > 1) f |= feature_bit(kVirtioNetFMq);
+  if (options_.offloads)
+    f |= feature_bit(kVirtioNetFCsum) | feature_bit(kVirtioNetFGuestCsum) | feature_bit(kVirtioNetFHostTso4) |
+         feature_bit(kVirtioNetFHostTso6) | feature_bit(kVirtioNetFGuestTso4) | feature_bit(kVirtioNetFGuestTso6) |
+         feature_bit(kVirtioNetFGuestEcn);
   return f;
 }
 
@@ -184,6 +216,12 @@ size_t VhostNetPort::receive_batch(RxBatch& batch) {
         continue;
       }
       size_t frame_len = static_cast<size_t>(total - header_size_);
+      VirtioNetHdr header{};
+      if (host_offloads()) {
+        uint8_t raw[sizeof(VirtioNetHdr)] = {};
+        read_prefix(chain_.readable(), raw, header_size_);
+        header = VirtioNetHdr{raw[0], raw[1], le16(raw + 2), le16(raw + 4), le16(raw + 6), le16(raw + 8), 0};
+      }
       // Find where the frame starts, past the header.
       size_t skip = header_size_;
       size_t seg = 0;
@@ -215,7 +253,7 @@ size_t VhostNetPort::receive_batch(RxBatch& batch) {
         frame = {dst, frame_len};
         scratch_used += frame_len;
       }
-      batch.frames_[batch.count_++] = RxBatch::Entry{frame, pair};
+      batch.frames_[batch.count_++] = RxBatch::Entry{frame, pair, header};
       ++counters_.rx_frames;
       counters_.rx_bytes += frame_len;
     }
@@ -223,15 +261,17 @@ size_t VhostNetPort::receive_batch(RxBatch& batch) {
   return batch.count_;
 }
 
-bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
+bool VhostNetPort::send_one(VirtQueue& q, const VirtioNetHdr& header, std::span<const uint8_t> head,
+                            std::span<const uint8_t> payload) {
   const GuestMemory& memory = backend_->memory();
   DirtyLog* const log = backend_->dirty_log();  // non-null only while the guest is migrating
-  VirtioNetHdr header{};
-  const size_t need = header_size_ + frame.size();
-  auto* header_bytes = reinterpret_cast<uint8_t*>(&header);
+  uint8_t header_bytes[sizeof(VirtioNetHdr)];
+  encode_header(header, header_bytes);
+  const OutStream stream{{{header_bytes, header_size_}, head, payload}};
+  const size_t need = stream.size();
 
   if (!mergeable_) {
-    header.num_buffers = 1;
+    put_le16(header_bytes + 10, 1);  // num_buffers (only in the 12-byte header)
     auto status = q.pop(memory, chain_);
     if (status == VirtQueue::PopStatus::Broken) {
       count_broken(q);
@@ -247,7 +287,7 @@ bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
       ++counters_.tx_dropped_no_buffers;
       return false;
     }
-    write_stream(chain_.writable(), header_bytes, header_size_, frame, 0);
+    write_stream(chain_.writable(), stream, 0);
     if (log != nullptr) [[unlikely]]
       log_written(*log, memory, chain_.writable(), need);
     q.push_used(chain_.head, static_cast<uint32_t>(need));
@@ -291,7 +331,7 @@ bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
         base += seg.len;
       }
     }
-    size_t n = write_stream(chain_.writable(), header_bytes, header_size_, frame, pos);
+    size_t n = write_stream(chain_.writable(), stream, pos);
     // Logged even if the frame is dropped later (unpop): the bytes in guest memory changed.
     if (log != nullptr) [[unlikely]]
       log_written(*log, memory, chain_.writable(), n);
@@ -307,38 +347,79 @@ bool VhostNetPort::send_one(VirtQueue& q, std::span<const uint8_t> frame) {
   return true;
 }
 
-size_t VhostNetPort::send_batch(std::span<const std::span<const uint8_t>> frames, uint16_t queue_pair) {
+VirtQueue* VhostNetPort::send_queue(uint16_t queue_pair, size_t frames) {
   uint16_t pair = static_cast<uint16_t>(queue_pair % options_.queue_pairs);
   if (!backend_->queue(2 * pair).ready()) pair = 0;
   VirtQueue& q = backend_->queue(2 * pair);
   if (!q.ready()) {
-    counters_.tx_dropped_link_down += frames.size();
-    return 0;
+    counters_.tx_dropped_link_down += frames;
+    return nullptr;
   }
+  return &q;
+}
+
+void VhostNetPort::finish_send(VirtQueue& q) {
+  q.publish_used();
+  if (q.notify_if_needed()) ++counters_.guest_notifications;
+}
+
+size_t VhostNetPort::send_batch(std::span<const std::span<const uint8_t>> frames, uint16_t queue_pair) {
+  VirtQueue* q = send_queue(queue_pair, frames.size());
+  if (!q) return 0;
+  const VirtioNetHdr plain{};
   size_t delivered = 0;
   for (auto frame : frames) {
     if (frame.size() > kMaxFrameSize) {
       ++counters_.tx_dropped_too_big;
       continue;
     }
-    if (!q.ready()) {
+    if (!q->ready()) {
       ++counters_.tx_dropped_link_down;
       continue;
     }
-    if (send_one(q, frame)) {
+    if (send_one(*q, plain, frame, {})) {
       ++delivered;
       ++counters_.tx_frames;
       counters_.tx_bytes += frame.size();
     }
   }
-  q.publish_used();
-  if (q.notify_if_needed()) ++counters_.guest_notifications;
+  finish_send(*q);
   return delivered;
 }
 
 bool VhostNetPort::send(std::span<const uint8_t> frame, uint16_t queue_pair) {
   std::span<const uint8_t> one[1] = {frame};
   return send_batch(one, queue_pair) == 1;
+}
+
+bool VhostNetPort::guest_accepts(uint8_t gso_type) const {
+  const uint64_t f = negotiated_features();
+  auto has = [f](int bit) { return (f & feature_bit(bit)) != 0; };
+  if (!has(kVirtioNetFGuestCsum)) return false;
+  if ((gso_type & kVirtioNetHdrGsoEcn) && !has(kVirtioNetFGuestEcn)) return false;
+  switch (gso_type & ~kVirtioNetHdrGsoEcn) {
+    case kVirtioNetHdrGsoNone: return true;
+    case kVirtioNetHdrGsoTcpv4: return has(kVirtioNetFGuestTso4);
+    case kVirtioNetHdrGsoTcpv6: return has(kVirtioNetFGuestTso6);
+    default: return false;
+  }
+}
+
+bool VhostNetPort::send_offloaded(const VirtioNetHdr& header, std::span<const uint8_t> head,
+                                  std::span<const uint8_t> payload, uint16_t queue_pair) {
+  VirtQueue* q = send_queue(queue_pair, 1);
+  if (!q) return false;
+  const size_t size = head.size() + payload.size();
+  bool delivered = false;
+  if (size > kMaxFrameSize) {
+    ++counters_.tx_dropped_too_big;
+  } else if (send_one(*q, header, head, payload)) {
+    delivered = true;
+    ++counters_.tx_frames;
+    counters_.tx_bytes += size;
+  }
+  finish_send(*q);
+  return delivered;
 }
 
 }  // namespace keel::vhost

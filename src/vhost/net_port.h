@@ -2,10 +2,16 @@
 //
 // Queue pair k is virtqueue 2k (the guest's receive queue: we write frames into it) and 2k+1 (the
 // guest's transmit queue: we read frames from it). The device offers VERSION_1, MRG_RXBUF,
-// EVENT_IDX, INDIRECT_DESC, MQ (when more than one pair) and STATUS, and no checksum or
-// segmentation offloads, so every frame crossing the port is a plain, complete Ethernet frame. Every
-// frame carries a virtio_net_hdr (12 bytes with VERSION_1 or MRG_RXBUF, else 10) which the port
-// strips on receive and fills on send.
+// EVENT_IDX, INDIRECT_DESC, MQ (when more than one pair) and STATUS. Every frame carries a
+// virtio_net_hdr (12 bytes with VERSION_1 or MRG_RXBUF, else 10).
+//
+// Without `offloads` every frame crossing the port is a plain, complete Ethernet frame: the port
+// strips the header on receive and sends an empty one. With `offloads` the device also offers
+// checksum and TCP segmentation offload both ways (CSUM, GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6), as
+// QEMU's vhost-net does: the guest may then send frames with a partial checksum (NEEDS_CSUM) and
+// TCP super-frames of up to 64 KB (gso_type/gso_size), and a caller may send it the same through
+// send_offloaded(). Receivers get each frame's header (RxBatch::header) and must finish or cut
+// such frames themselves; the header comes from the guest and is not checked here.
 //
 // Naming follows the switch: receive = frames *from* the guest, send = frames *to* the guest.
 //
@@ -40,7 +46,10 @@ inline constexpr int kVirtioNetFGuestCsum = 1;
 inline constexpr int kVirtioNetFMtu = 3;
 inline constexpr int kVirtioNetFMac = 5;
 inline constexpr int kVirtioNetFGuestTso4 = 7;
+inline constexpr int kVirtioNetFGuestTso6 = 8;
+inline constexpr int kVirtioNetFGuestEcn = 9;
 inline constexpr int kVirtioNetFHostTso4 = 11;
+inline constexpr int kVirtioNetFHostTso6 = 12;
 inline constexpr int kVirtioNetFMrgRxbuf = 15;
 inline constexpr int kVirtioNetFStatus = 16;
 inline constexpr int kVirtioNetFCtrlVq = 17;
@@ -57,9 +66,14 @@ struct VirtioNetHdr {
   uint16_t num_buffers;  // only present with MRG_RXBUF or VERSION_1
 };
 static_assert(sizeof(VirtioNetHdr) == 12);
+inline constexpr uint8_t kVirtioNetHdrFNeedsCsum = 1;
+inline constexpr uint8_t kVirtioNetHdrGsoNone = 0;
+inline constexpr uint8_t kVirtioNetHdrGsoTcpv4 = 1;
+inline constexpr uint8_t kVirtioNetHdrGsoTcpv6 = 4;
+inline constexpr uint8_t kVirtioNetHdrGsoEcn = 0x80;
 
-// Largest frame (without the virtio-net header) the port passes either way. No GSO is offered, so
-// anything longer is malformed.
+// Largest frame (without the virtio-net header) the port passes either way: a TCP super-frame's
+// IP packet is at most 64 KB, and without offloads anything longer is malformed anyway.
 inline constexpr size_t kMaxFrameSize = 65535;
 
 struct VhostNetOptions {
@@ -68,6 +82,8 @@ struct VhostNetOptions {
   SocketMode mode = SocketMode::Server;
   uint16_t queue_pairs = 1;  // 1..128
   bool mergeable_rx_buffers = true;
+  // Offer checksum and TCP segmentation offloads (see above).
+  bool offloads = false;
   std::chrono::milliseconds reconnect_interval{100};
 };
 
@@ -95,6 +111,9 @@ public:
   bool empty() const { return count_ == 0; }
   std::span<const uint8_t> frame(size_t i) const { return frames_[i].data; }
   uint16_t queue_pair(size_t i) const { return frames_[i].queue_pair; }
+  // The frame's virtio-net header as the guest wrote it, fields in host byte order (num_buffers 0).
+  // With offloads off, whatever the guest wrote is ignored and this is all zeros.
+  const VirtioNetHdr& header(size_t i) const { return frames_[i].header; }
   // True when receive_batch() stopped for lack of room rather than because the guest's transmit
   // queues were empty: call it again (kicks stay suppressed until the port catches up). poll_fd()
   // is kept readable meanwhile, so a loop that only runs on readiness does not stall either.
@@ -105,6 +124,7 @@ private:
   struct Entry {
     std::span<const uint8_t> data;
     uint16_t queue_pair;
+    VirtioNetHdr header;
   };
   std::array<Entry, kMaxFrames> frames_{};
   size_t count_ = 0;
@@ -134,6 +154,16 @@ public:
   bool send(std::span<const uint8_t> frame, uint16_t queue_pair = 0);
   // The same for many frames with one guest notification; returns how many were delivered.
   size_t send_batch(std::span<const std::span<const uint8_t>> frames, uint16_t queue_pair = 0);
+  // Sends one frame, `head` then `payload` (either may be empty), behind `header` (host byte order;
+  // num_buffers is filled in): a frame with a partial checksum or a TCP super-frame, for a guest
+  // that negotiated the matching offload (see guest_accepts()). Notifies the guest.
+  bool send_offloaded(const VirtioNetHdr& header, std::span<const uint8_t> head, std::span<const uint8_t> payload,
+                      uint16_t queue_pair = 0);
+  // Whether the guest accepts a super-frame of this gso_type (ECN bit included) with a partial
+  // checksum: it negotiated GUEST_CSUM and the matching GUEST_TSO4/6 (and GUEST_ECN for the bit).
+  bool guest_accepts(uint8_t gso_type) const;
+  // Whether the guest may send partial checksums and super-frames (we offered and it acked CSUM).
+  bool host_offloads() const { return (negotiated_features() & (1ull << kVirtioNetFCsum)) != 0; }
 
   // Up when the front-end is connected and queue pair 0 runs in both directions.
   bool link_up() const { return link_up_; }
@@ -162,7 +192,10 @@ private:
   void on_disconnect() override;
 
   void update_link();
-  bool send_one(VirtQueue& q, std::span<const uint8_t> frame);
+  bool send_one(VirtQueue& q, const VirtioNetHdr& header, std::span<const uint8_t> head,
+                std::span<const uint8_t> payload);
+  VirtQueue* send_queue(uint16_t queue_pair, size_t frames);
+  void finish_send(VirtQueue& q);
   void count_broken(VirtQueue& q);
 
   VhostNetOptions options_;

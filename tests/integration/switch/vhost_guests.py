@@ -10,7 +10,8 @@ bridge br0 and two vhost-user ports, one per socket mode:
 Both guests (the guest kit, TCG) boot in parallel. vm2 pings vm1; then a flow installed with
 ovs-ofctl drops vm2's ICMP and vm2's ping fails; the flow is deleted and the ping works again. The
 guests wait on their serial console (`read`) between the steps, so the test and the guests move in
-lock step. Then keel-switch is killed and started again with its saved configuration while the guests
+lock step. vm2 then fetches 1 MiB from vm1's busybox httpd (TCP with checksum and segmentation
+offloads negotiated: vm1's super-frames cross the switch whole) and the copy must match. Then keel-switch is killed and started again with its saved configuration while the guests
 run: vm1's QEMU (reconnect=1) reconnects, the switch reconnects to vm2's QEMU, and vm2 pings again. Checked on the way: both guests end with KEEL-EXIT 0, fdb/show has both MACs,
 port-stats counts frames both ways, ovs-ofctl show and PORT_STATUS (ovs-ofctl monitor) report the
 links going up and down, a port with options:socket-path listens there, bad options are refused.
@@ -207,13 +208,19 @@ class Test:
         # vm1 answers, pings vm2 once the peer is there, and stays up until told to finish.
         wait_peer = ("i=0; until ping -c 1 -W 2 {ip} >/dev/null 2>&1; do i=$((i+1)); "
                      "[ $i -ge 90 ] && break; done; ")
-        vm1_cmd = (wait_peer.format(ip=VM2["ip"]) + f"ping -c 2 -W 5 {VM2['ip']}; rc=$?; echo VM1-PING-RC=$rc; "
+        # It also serves 1 MiB of random bytes over HTTP (busybox httpd) for vm2's TCP transfer.
+        vm1_cmd = ("mkdir -p /tmp/www; dd if=/dev/urandom of=/tmp/www/blob bs=64k count=16 2>/dev/null; "
+                   "echo VM1-BLOB=$(md5sum < /tmp/www/blob); httpd -p 80 -h /tmp/www; " +
+                   wait_peer.format(ip=VM2["ip"]) + f"ping -c 2 -W 5 {VM2['ip']}; rc=$?; echo VM1-PING-RC=$rc; "
                    "read x; exit $rc")
         # vm2 pings vm1 three times: allowed, dropped by a flow, allowed again.
         vm2_cmd = (wait_peer.format(ip=VM1["ip"]) +
                    f"ping -c 3 -W 5 {VM1['ip']}; echo PING1-RC=$?; read x; "
                    f"ping -c 3 -W 2 {VM1['ip']}; echo PING2-RC=$?; read x; "
-                   f"ping -c 3 -W 5 {VM1['ip']}; echo PING3-RC=$?; read x; " +
+                   f"ping -c 3 -W 5 {VM1['ip']}; echo PING3-RC=$?; read x; "
+                   # TCP: vm2 fetches vm1's 1 MiB (checksum and segmentation offloads both ways).
+                   f"wget -q -O /tmp/got http://{VM1['ip']}/blob; echo WGET-RC=$?; "
+                   "echo VM2-GOT=$(md5sum < /tmp/got); read x; " +
                    # The switch was killed and restarted: both NICs come back (vm1's QEMU reconnects,
                    # the switch reconnects to vm2's QEMU).
                    wait_peer.format(ip=VM1["ip"]) +
@@ -276,6 +283,32 @@ class Test:
                 self.fail(f"no PORT_STATUS reported {name} up (saw {states}):\n{monitor.output()}")
         self.ok("PORT_STATUS (ovs-ofctl monitor) reported both links coming up")
         monitor.stop()
+
+        # TCP through the switch: vm2 fetches 1 MiB from vm1. The guests negotiated checksum and TCP
+        # segmentation offload with the switch, so vm1's stack hands its NIC super-frames of up to
+        # 64 KB; the switch forwards them whole to vm2. Either way the bytes must arrive intact.
+        def frames_from_vm1():
+            out = self.ctl("port-stats", "br0").stdout
+            m = re.search(r"^vm1 \(\d+\): rx_packets=(\d+)", out, re.M)
+            if not m:
+                self.fail(f"port-stats lacks vm1:\n{out}")
+            return int(m.group(1))
+        before = frames_from_vm1()
+        t_wget = time.monotonic()
+        vm2.say("go")
+        m = vm2.wait_for(r"WGET-RC=(\d+)", 120)
+        if not m or m.group(1) != "0":
+            self.fail("vm2 could not fetch vm1's file over TCP through the switch", vm2, vm1)
+        got = vm2.wait_for(r"VM2-GOT=([0-9a-f]{32})", 10)
+        sent = vm1.wait_for(r"VM1-BLOB=([0-9a-f]{32})", 1)
+        if not got or not sent or got.group(1) != sent.group(1):
+            self.fail(f"vm2's copy of vm1's file differs: {got and got.group(1)} vs {sent and sent.group(1)}", vm2, vm1)
+        frames = frames_from_vm1() - before
+        # 1 MiB in 1448-byte segments is 725 frames; super-frames carry at least two segments each.
+        if frames >= 600:
+            self.fail(f"vm1 sent 1 MiB in {frames} frames: no segmentation offload reached the switch")
+        self.ok(f"TCP: vm2 fetched 1 MiB from vm1 intact (md5 {got.group(1)[:8]}..) in "
+                f"{time.monotonic() - t_wget:.1f}s; vm1 sent it in {frames} frames (super-frames)")
 
         # The switch sleeps in epoll between frames: a port whose fd stayed readable would spin it.
         with open(f"/proc/{self.switch.pid}/stat") as f:

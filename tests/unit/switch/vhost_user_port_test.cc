@@ -17,7 +17,9 @@
 #include "base/log.h"
 #include "switch/bridge.h"
 #include "switch/memory_port.h"
+#include "vhost/net_port.h"
 #include "synthetic_frontend.h"
+#include "test_util.h"
 
 namespace keel::sw {
 namespace {
@@ -26,6 +28,7 @@ using vhost::testing::FrontendOptions;
 using vhost::testing::make_frame;
 using vhost::testing::SyntheticFrontend;
 using vhost::testing::TxLayout;
+using vhost::testing::virtio_net_header;
 using Frames = std::vector<std::vector<uint8_t>>;
 
 class TempDir {
@@ -316,14 +319,8 @@ TEST_F(VhostUserPortHostileTest, AvailIndexJumpsAhead) {
   EXPECT_TRUE(fe->sync());
 }
 
-// Two guests on one bridge with NORMAL: a frame from one reaches the other, and the bridge learns
-// link state from the port.
-TEST(VhostUserPortBridge, GuestToGuestThroughNormal) {
-  spdlog::set_level(spdlog::level::off);
-  TempDir dir;
-  auto loop = std::move(*EventLoop::create());
-  Bridge bridge(*loop, "br0", 1);
-  std::unique_ptr<SyntheticFrontend> fes[2];
+// Ports vm0 and vm1 (type vhostuser, listening in `dir`) on `bridge`, and one flow: NORMAL.
+void add_two_vhost_ports_with_normal(Bridge& bridge, const TempDir& dir) {
   for (int i = 0; i < 2; ++i) {
     VhostUserPortOptions options;
     options.socket_path = dir.file("vm" + std::to_string(i) + ".sock");
@@ -337,6 +334,149 @@ TEST(VhostUserPortBridge, GuestToGuestThroughNormal) {
   fm.instructions.has_apply = true;
   fm.instructions.apply = {normal};
   ASSERT_TRUE(bridge.apply_flow_mod(fm));
+}
+
+// --- Offloads: partial checksums and TCP super-frames from and to guests that negotiated them ---
+
+constexpr uint8_t kNeedsCsum = vhost::kVirtioNetHdrFNeedsCsum;
+constexpr uint8_t kTcpv4 = vhost::kVirtioNetHdrGsoTcpv4;
+
+TEST_F(VhostUserPortTest, PartialChecksumsFromTheGuestAreFinished) {
+  setup();
+  const uint8_t dst[6] = {2, 0, 0, 0, 0, 2}, src[6] = {2, 0, 0, 0, 0, 1};
+  Frames sent;
+  for (uint8_t proto : {uint8_t(17), uint8_t(6)}) {
+    auto f = test::ipv4_frame(dst, src, 0x0a000001, 0x0a000002, proto, 1000, 2000);
+    f.resize(f.size() + 300, 0x5a);  // some payload; fix the IP length and checksum
+    uint16_t total = uint16_t(f.size() - 14);
+    f[16] = uint8_t(total >> 8), f[17] = uint8_t(total);
+    f[24] = f[25] = 0;
+    uint16_t ipsum = test::ipv4_header_checksum(&f[14]);
+    f[24] = uint8_t(ipsum >> 8), f[25] = uint8_t(ipsum);
+    if (proto == 17) f[38] = uint8_t((f.size() - 34) >> 8), f[39] = uint8_t(f.size() - 34);
+    // What a guest's stack leaves for the NIC: the pseudo-header sum, not complemented.
+    size_t field = proto == 17 ? 34 + 6 : 34 + 16;
+    uint32_t pseudo = 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + proto + uint32_t(f.size() - 34);
+    while (pseudo >> 16) pseudo = (pseudo & 0xffff) + (pseudo >> 16);
+    f[field] = uint8_t(pseudo >> 8), f[field + 1] = uint8_t(pseudo);
+    ASSERT_FALSE(test::l4_checksum_ok(f, 14));
+    ASSERT_TRUE(fe->transmit(0, f, TxLayout::Scattered, virtio_net_header(kNeedsCsum, 0, 54, 0, 34, uint16_t(field - 34))));
+    sent.push_back(f);
+  }
+  fe->kick(1);
+  drain();
+  ASSERT_EQ(received.size(), 2u);
+  for (auto& f : received) EXPECT_TRUE(test::l4_checksum_ok(f, 14));
+  EXPECT_EQ(port->counters.rx_errors, 0u);
+}
+
+TEST_F(VhostUserPortTest, GuestSuperFramesArriveWhole) {
+  setup();
+  auto sent = test::super_frame(30000, 1000);
+  ASSERT_TRUE(fe->transmit(0, sent, TxLayout::Scattered, virtio_net_header(kNeedsCsum, kTcpv4, 54, 1448, 34, 16)));
+  fe->kick(1);
+  batch.reset();
+  ASSERT_EQ(port->receive(batch), 1u);
+  const Frame& f = batch[0];
+  ASSERT_TRUE(f.is_super());
+  EXPECT_EQ(f.len, 54u);
+  EXPECT_EQ(f.payload_len, 30000u);
+  EXPECT_EQ(f.offload.gso_type, kTcpv4);
+  EXPECT_EQ(f.offload.gso_size, 1448);
+  std::vector<uint8_t> whole(f.data, f.data + f.len);
+  whole.insert(whole.end(), f.payload, f.payload + f.payload_len);
+  EXPECT_EQ(whole, sent);
+}
+
+TEST_F(VhostUserPortTest, MalformedOffloadHeadersAreReceiveErrors) {
+  setup();
+  const uint8_t dst[6] = {2, 0, 0, 0, 0, 2}, src[6] = {2, 0, 0, 0, 0, 1};
+  auto udp = test::ipv4_frame(dst, src, 0x0a000001, 0x0a000002, 17, 1000, 2000);
+  auto tcp = test::super_frame(5000, 1);
+  struct Case {
+    const char* what;
+    std::vector<uint8_t> frame, header;
+  } cases[] = {
+      {"UDP fragmentation offload", tcp, virtio_net_header(kNeedsCsum, 3, 54, 1448, 34, 16)},
+      {"TCP segmentation of a UDP frame", udp, virtio_net_header(kNeedsCsum, kTcpv4, 54, 1448, 34, 6)},
+      {"segments of size 0", tcp, virtio_net_header(kNeedsCsum, kTcpv4, 54, 0, 34, 16)},
+      {"segments larger than a frame", tcp, virtio_net_header(kNeedsCsum, kTcpv4, 54, 20000, 34, 16)},
+      {"segmentation without a partial checksum", tcp, virtio_net_header(0, kTcpv4, 54, 1448, 34, 16)},
+      {"checksum start past the frame", udp, virtio_net_header(kNeedsCsum, 0, 54, 0, 4000, 6)},
+      {"checksum field past the frame", udp, virtio_net_header(kNeedsCsum, 0, 54, 0, 34, uint16_t(udp.size() - 35))},
+      {"headers only", std::vector<uint8_t>(tcp.begin(), tcp.begin() + 54), virtio_net_header(kNeedsCsum, kTcpv4, 54, 1448, 34, 16)},
+  };
+  for (auto& c : cases) ASSERT_TRUE(fe->transmit(0, c.frame, TxLayout::SplitHeader, c.header)) << c.what;
+  fe->kick(1);
+  drain();
+  EXPECT_EQ(received.size(), 0u);
+  EXPECT_EQ(port->counters.rx_errors, std::size(cases));
+  // The port goes on: a good frame after them arrives.
+  ASSERT_TRUE(fe->transmit(0, udp));
+  fe->kick(1);
+  drain();
+  EXPECT_EQ(received.size(), 1u);
+}
+
+// Two guests on one bridge: a super-frame from vm0 crosses NORMAL whole to an offloading vm1, and is
+// cut into checksummed segments for a vm1 that did not negotiate TCP segmentation offload.
+void super_frame_guest_to_guest(bool receiver_offloads) {
+  spdlog::set_level(spdlog::level::off);
+  TempDir dir;
+  auto loop = std::move(*EventLoop::create());
+  Bridge bridge(*loop, "br0", 1);
+  add_two_vhost_ports_with_normal(bridge, dir);
+  std::unique_ptr<SyntheticFrontend> fes[2];
+  for (int i = 0; i < 2; ++i) {
+    FrontendOptions o;
+    if (i == 1 && !receiver_offloads) o.wanted_features = ~(uint64_t{1} << vhost::kVirtioNetFGuestTso4);
+    auto fe = SyntheticFrontend::connect(dir.file("vm" + std::to_string(i) + ".sock"), o);
+    ASSERT_TRUE(fe) << fe.error().message();
+    fes[i] = std::move(*fe);
+    fes[i]->set_pump([&] { bridge.poll_ports_once(); });
+    ASSERT_TRUE(fes[i]->start());
+  }
+  bridge.poll_ports_once();
+  fes[1]->post_rx_buffers(0);
+  auto sent = test::super_frame(40000, 77);
+  ASSERT_TRUE(fes[0]->transmit(0, sent, TxLayout::Scattered, virtio_net_header(kNeedsCsum, kTcpv4, 54, 1448, 34, 16)));
+  fes[0]->kick(1);
+  Frames got, headers;
+  for (int i = 0; i < 10; ++i) {
+    bridge.poll_ports_once();
+    fes[1]->receive_with_header(0, [&](std::span<const uint8_t> h, std::span<const uint8_t> f) {
+      headers.emplace_back(h.begin(), h.end());
+      got.emplace_back(f.begin(), f.end());
+    });
+    fes[1]->post_rx_buffers(0);
+  }
+  if (receiver_offloads) {
+    ASSERT_EQ(got.size(), 1u);
+    EXPECT_EQ(got[0], sent);
+    EXPECT_EQ(headers[0][0], kNeedsCsum);
+    EXPECT_EQ(headers[0][1], kTcpv4);
+    EXPECT_EQ(headers[0][4] | headers[0][5] << 8, 1448);  // gso_size
+    EXPECT_EQ(headers[0][6] | headers[0][7] << 8, 34);    // csum_start
+    EXPECT_EQ(headers[0][8] | headers[0][9] << 8, 16);    // csum_offset
+  } else {
+    test::check_segments(got, sent, 1448, 77, false);
+    for (auto& h : headers) EXPECT_EQ(h[1], 0) << "a plain segment";
+  }
+  EXPECT_EQ(bridge.port_by_name("vm0")->port->counters.rx_errors, 0u);
+}
+
+TEST(VhostUserPortBridge, SuperFramesCrossWholeToAGuestThatOffloads) { super_frame_guest_to_guest(true); }
+TEST(VhostUserPortBridge, SuperFramesAreCutForAGuestThatDoesNot) { super_frame_guest_to_guest(false); }
+
+// Two guests on one bridge with NORMAL: a frame from one reaches the other, and the bridge learns
+// link state from the port.
+TEST(VhostUserPortBridge, GuestToGuestThroughNormal) {
+  spdlog::set_level(spdlog::level::off);
+  TempDir dir;
+  auto loop = std::move(*EventLoop::create());
+  Bridge bridge(*loop, "br0", 1);
+  std::unique_ptr<SyntheticFrontend> fes[2];
+  add_two_vhost_ports_with_normal(bridge, dir);
   EXPECT_FALSE(bridge.port_by_name("vm0")->live);
   for (int i = 0; i < 2; ++i) {
     auto fe = SyntheticFrontend::connect(dir.file("vm" + std::to_string(i) + ".sock"), {});

@@ -85,6 +85,108 @@ TEST_F(NetPortTest, SendMergesBuffersForLargeFrames) {
   EXPECT_GE(fe->take_calls(0), 1u);
 }
 
+// Offloads: offered only when asked, the guest's header reaches the receiver, and send_offloaded()
+// writes a header with the frame in two parts.
+constexpr uint64_t kOffloadFeatures = feature_bit(kVirtioNetFCsum) | feature_bit(kVirtioNetFGuestCsum) |
+                                      feature_bit(kVirtioNetFHostTso4) | feature_bit(kVirtioNetFHostTso6) |
+                                      feature_bit(kVirtioNetFGuestTso4) | feature_bit(kVirtioNetFGuestTso6);
+
+VhostNetOptions with_offloads() {
+  VhostNetOptions o;
+  o.offloads = true;
+  return o;
+}
+
+TEST_F(NetPortTest, OffloadsAreOfferedOnlyWhenAsked) {
+  setup(with_offloads());
+  EXPECT_EQ(fe->acked_features() & kOffloadFeatures, kOffloadFeatures);
+  EXPECT_TRUE(port->host_offloads());
+  EXPECT_TRUE(port->guest_accepts(kVirtioNetHdrGsoTcpv4));
+  EXPECT_TRUE(port->guest_accepts(kVirtioNetHdrGsoTcpv6));
+  EXPECT_TRUE(port->guest_accepts(kVirtioNetHdrGsoTcpv4 | kVirtioNetHdrGsoEcn));
+  EXPECT_FALSE(port->guest_accepts(3));  // UDP fragmentation offload: never offered
+}
+
+TEST_F(NetPortTest, AGuestThatTakesNoOffloadsGetsNone) {
+  FrontendOptions fe_options;
+  fe_options.wanted_features = ~(feature_bit(kVirtioNetFGuestTso4) | feature_bit(kVirtioNetFGuestEcn));
+  setup(with_offloads(), fe_options);
+  EXPECT_TRUE(port->guest_accepts(kVirtioNetHdrGsoTcpv6));
+  EXPECT_FALSE(port->guest_accepts(kVirtioNetHdrGsoTcpv4));
+  EXPECT_FALSE(port->guest_accepts(kVirtioNetHdrGsoTcpv6 | kVirtioNetHdrGsoEcn));
+}
+
+TEST_F(NetPortTest, TheGuestsHeaderReachesTheReceiverInEveryLayout) {
+  setup(with_offloads());
+  auto header = virtio_net_header(kVirtioNetHdrFNeedsCsum, kVirtioNetHdrGsoTcpv4, 54, 1448, 34, 16);
+  auto frame = make_frame(20000, 3);
+  const TxLayout layouts[] = {TxLayout::Single, TxLayout::SplitHeader, TxLayout::Scattered};
+  for (TxLayout layout : layouts) ASSERT_TRUE(fe->transmit(0, frame, layout, header));
+  fe->kick(1);
+  RxBatch batch;
+  pump();
+  ASSERT_EQ(port->receive_batch(batch), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    const VirtioNetHdr& h = batch.header(i);
+    EXPECT_EQ(h.flags, kVirtioNetHdrFNeedsCsum);
+    EXPECT_EQ(h.gso_type, kVirtioNetHdrGsoTcpv4);
+    EXPECT_EQ(h.hdr_len, 54);
+    EXPECT_EQ(h.gso_size, 1448);
+    EXPECT_EQ(h.csum_start, 34);
+    EXPECT_EQ(h.csum_offset, 16);
+    EXPECT_TRUE(std::equal(frame.begin(), frame.end(), batch.frame(i).begin(), batch.frame(i).end()));
+  }
+  port->release();
+}
+
+TEST_F(NetPortTest, WithoutOffloadsTheGuestsHeaderIsIgnored) {
+  setup();
+  auto header = virtio_net_header(kVirtioNetHdrFNeedsCsum, kVirtioNetHdrGsoTcpv4, 54, 1448, 34, 16);
+  ASSERT_TRUE(fe->transmit(0, make_frame(1514, 3), TxLayout::Single, header));
+  fe->kick(1);
+  RxBatch batch;
+  pump();
+  ASSERT_EQ(port->receive_batch(batch), 1u);
+  EXPECT_EQ(batch.header(0).flags, 0);
+  EXPECT_EQ(batch.header(0).gso_type, 0);
+  port->release();
+}
+
+class SendOffloadedTest : public PortFixture {
+protected:
+  void check(bool mergeable) {
+    VhostNetOptions options = with_offloads();
+    options.mergeable_rx_buffers = mergeable;
+    FrontendOptions fe_options;
+    if (!mergeable) fe_options.buffer_size = 70000;  // a guest without MRG_RXBUF posts 64 KB buffers
+    fe_options.memory_size = 64 << 20;
+    fe_options.queue_size = mergeable ? 256 : 64;
+    setup(options, fe_options);
+    fe->post_rx_buffers(0);
+    auto frame = make_frame(30054, 9);
+    std::span<const uint8_t> head(frame.data(), 54), payload(frame.data() + 54, frame.size() - 54);
+    VirtioNetHdr h{kVirtioNetHdrFNeedsCsum, kVirtioNetHdrGsoTcpv6, 54, 1440, 54, 16, 0};
+    EXPECT_TRUE(port->send_offloaded(h, head, payload));
+    std::vector<uint8_t> got_header, got;
+    size_t n = fe->receive_with_header(0, [&](std::span<const uint8_t> hdr, std::span<const uint8_t> f) {
+      got_header.assign(hdr.begin(), hdr.end());
+      got.assign(f.begin(), f.end());
+    });
+    ASSERT_EQ(n, 1u);
+    EXPECT_EQ(got, frame);
+    auto want = virtio_net_header(kVirtioNetHdrFNeedsCsum, kVirtioNetHdrGsoTcpv6, 54, 1440, 54, 16);
+    ASSERT_EQ(got_header.size(), 12u);
+    EXPECT_TRUE(std::equal(want.begin(), want.begin() + 10, got_header.begin()));
+    uint16_t buffers = uint16_t(got_header[10] | got_header[11] << 8);
+    EXPECT_EQ(buffers, mergeable ? (30054 + 12 + 2047) / 2048 : 1);
+    EXPECT_EQ(port->counters().tx_frames, 1u);
+    EXPECT_EQ(port->counters().tx_bytes, frame.size());
+  }
+};
+
+TEST_F(SendOffloadedTest, WritesTheHeaderThenHeadAndPayloadOverMergedBuffers) { check(true); }
+TEST_F(SendOffloadedTest, WritesTheHeaderThenHeadAndPayloadIntoOneBigBuffer) { check(false); }
+
 TEST_F(NetPortTest, SendWithoutBuffersDropsAndCounts) {
   setup();
   auto frame = make_frame(100, 1);

@@ -443,7 +443,8 @@ size_t SyntheticFrontend::post_rx_buffers(uint16_t pair, size_t count) {
   return posted;
 }
 
-bool SyntheticFrontend::transmit(uint16_t pair, std::span<const uint8_t> frame, TxLayout layout) {
+bool SyntheticFrontend::transmit(uint16_t pair, std::span<const uint8_t> frame, TxLayout layout,
+                                 std::span<const uint8_t> given_header) {
   uint32_t qi = 2u * pair + 1;
   Queue& q = queues_[qi];
   VringDesc* desc = desc_table(qi);
@@ -451,6 +452,8 @@ bool SyntheticFrontend::transmit(uint16_t pair, std::span<const uint8_t> frame, 
   const uint32_t bs = options_.buffer_size;
   uint8_t header[12] = {};
   if (hdr == 12) header[10] = 1;  // num_buffers, ignored on transmit
+  KEEL_CHECK(given_header.empty() || given_header.size() == hdr);
+  if (!given_header.empty()) std::memcpy(header, given_header.data(), hdr);
 
   // Fast path (what the benchmark uses): header and frame in one buffer, no allocation.
   if (layout == TxLayout::Single && hdr + frame.size() <= bs) {
@@ -537,6 +540,11 @@ size_t SyntheticFrontend::reclaim_tx(uint16_t pair) {
 }
 
 size_t SyntheticFrontend::receive(uint16_t pair, const std::function<void(std::span<const uint8_t>)>& on_frame) {
+  return receive_with_header(pair, [&](std::span<const uint8_t>, std::span<const uint8_t> frame) { on_frame(frame); });
+}
+
+size_t SyntheticFrontend::receive_with_header(
+    uint16_t pair, const std::function<void(std::span<const uint8_t>, std::span<const uint8_t>)>& on_frame) {
   uint32_t qi = 2u * pair;
   Queue& q = queues_[qi];
   uint8_t* used = used_ring(qi);
@@ -561,29 +569,44 @@ size_t SyntheticFrontend::receive(uint16_t pair, const std::function<void(std::s
       // One buffer: hand out the frame where it lies.
       ++q.last_used;
       size_t skip = std::min<size_t>(hdr, e.len);
-      on_frame({buf + skip, e.len - skip});
+      on_frame({buf, skip}, {buf + skip, e.len - skip});
       desc[e.id] = VringDesc{buffer_gpa(q, e.id), options_.buffer_size, kDescFWrite, 0};
       publish_avail(qi, static_cast<uint16_t>(e.id));
       ++frames;
       continue;
     }
     frame.clear();
+    std::vector<uint8_t> header;
     for (uint16_t b = 0; b < num_buffers; ++b) {
       VringUsedElem eb;
       std::memcpy(&eb, used + 4 + 8 * (q.last_used % options_.queue_size), sizeof eb);
       ++q.last_used;
       uint8_t* data = host(buffer_gpa(q, eb.id));
       size_t skip = b == 0 ? std::min<size_t>(hdr, eb.len) : 0;
+      if (b == 0) header.assign(data, data + skip);
       frame.insert(frame.end(), data + skip, data + eb.len);
       // Re-post the buffer.
       desc[eb.id] = VringDesc{buffer_gpa(q, eb.id), options_.buffer_size, kDescFWrite, 0};
       publish_avail(qi, static_cast<uint16_t>(eb.id));
     }
-    on_frame(frame);
+    on_frame(header, frame);
     ++frames;
   }
   if (event_idx()) avail[2 + options_.queue_size] = q.last_used;
   return frames;
+}
+
+std::vector<uint8_t> virtio_net_header(uint8_t flags, uint8_t gso_type, uint16_t hdr_len, uint16_t gso_size,
+                                       uint16_t csum_start, uint16_t csum_offset) {
+  std::vector<uint8_t> h(12, 0);
+  h[0] = flags;
+  h[1] = gso_type;
+  const uint16_t fields[4] = {hdr_len, gso_size, csum_start, csum_offset};
+  for (int i = 0; i < 4; ++i) {
+    h[2 + 2 * i] = uint8_t(fields[i]);
+    h[3 + 2 * i] = uint8_t(fields[i] >> 8);
+  }
+  return h;
 }
 
 }  // namespace keel::vhost::testing

@@ -91,14 +91,19 @@ public:
   // --- guest driver ---
   // Posts `count` receive buffers (or as many as free descriptors allow) on pair's RX queue.
   size_t post_rx_buffers(uint16_t pair, size_t count = ~size_t{0});
-  // Queues a frame on pair's TX queue; false if the ring is full. Does not kick.
-  bool transmit(uint16_t pair, std::span<const uint8_t> frame, TxLayout layout = TxLayout::Single);
+  // Queues a frame on pair's TX queue; false if the ring is full. Does not kick. `header` (the
+  // virtio-net header's wire bytes, header_size() of them) replaces the default empty header.
+  bool transmit(uint16_t pair, std::span<const uint8_t> frame, TxLayout layout = TxLayout::Single,
+                std::span<const uint8_t> header = {});
   // Kicks the queue (respecting EVENT_IDX suppression unless `force`). Returns whether it kicked.
   bool kick(uint32_t queue, bool force = false);
   // Frees transmit descriptors the back-end has used. Returns how many frames completed.
   size_t reclaim_tx(uint16_t pair);
   // Reads frames the back-end wrote into pair's RX queue, re-posting their buffers.
   size_t receive(uint16_t pair, const std::function<void(std::span<const uint8_t>)>& on_frame);
+  // The same, also handing out each frame's virtio-net header (header_size() wire bytes).
+  size_t receive_with_header(
+      uint16_t pair, const std::function<void(std::span<const uint8_t> header, std::span<const uint8_t> frame)>& on_frame);
   // Free descriptors on a queue.
   size_t free_descriptors(uint32_t queue) const;
   // Reads (and resets) the call eventfd counter of a queue: how often the back-end interrupted us.
@@ -166,5 +171,9 @@ private:
 
 // A test frame: Ethernet header with the given source byte, then a counter pattern.
 std::vector<uint8_t> make_frame(size_t size, uint32_t seed);
+
+// A virtio-net header's wire bytes (12, little-endian; num_buffers 0), for transmit(..., header).
+std::vector<uint8_t> virtio_net_header(uint8_t flags, uint8_t gso_type, uint16_t hdr_len, uint16_t gso_size,
+                                       uint16_t csum_start, uint16_t csum_offset);
 
 }  // namespace keel::vhost::testing
