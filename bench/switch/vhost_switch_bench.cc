@@ -359,9 +359,10 @@ Figures run_vhost_tcp(bool offload, double seconds, bool busy_poll, const std::s
   } else {
     for (size_t k = 0; k < kSegments; ++k) frames.push_back(tcp_frame(kMss, uint32_t(1 + k * kMss), false));
   }
-  // virtio_net_hdr: NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size, csum_start 34, csum_offset 16.
-  const uint8_t header[12] = {1, 1, 54, 0, uint8_t(kMss), uint8_t(kMss >> 8), 34, 0, 16, 0, 0, 0};
-  std::span<const uint8_t> hdr = offload ? std::span<const uint8_t>(header, 12) : std::span<const uint8_t>();
+  // Partial checksum at the TCP header (34 + 16), segments of kMss.
+  const auto header = vhost::testing::virtio_net_header(vhost::kVirtioNetHdrFNeedsCsum, vhost::kVirtioNetHdrGsoTcpv4,
+                                                        54, kMss, 34, 16);
+  std::span<const uint8_t> hdr = offload ? std::span<const uint8_t>(header) : std::span<const uint8_t>();
   // Frames in flight: fits B's 1024 receive buffers.
   fig = run_traffic(
       *a, *b, seconds, offload ? 24 : 400,

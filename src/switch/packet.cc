@@ -80,22 +80,26 @@ bool finish_partial_checksum(uint8_t* d, size_t len, size_t start, size_t offset
   return true;
 }
 
-bool take_offloaded_frame(Frame& out, const uint8_t* frame, size_t len, const OffloadHeader& h, uint8_t* slot) {
-  constexpr uint8_t kNeedsCsum = 1, kGsoTcpv4 = 1, kGsoTcpv6 = 4, kGsoEcn = 0x80;
-  const size_t room = Frame::kBufferSize - Frame::kHeadroom;
-  if (h.gso_type == 0) {
-    if (len > room) return false;
+size_t super_frame_headers(const uint8_t* frame, size_t len, const vhost::VirtioNetHdr& h) {
+  uint8_t type = h.gso_type & ~vhost::kVirtioNetHdrGsoEcn;
+  if (type != vhost::kVirtioNetHdrGsoTcpv4 && type != vhost::kVirtioNetHdrGsoTcpv6) return 0;
+  if (!(h.flags & vhost::kVirtioNetHdrFNeedsCsum) || h.gso_size == 0) return 0;
+  size_t hdr = tcp_headers_end(frame, std::min(len, kSuperHeadersMax));
+  if (hdr == 0 || hdr >= len || hdr + h.gso_size > Frame::kBufferSize - Frame::kHeadroom) return 0;
+  return hdr;
+}
+
+bool take_offloaded_frame(Frame& out, const uint8_t* frame, size_t len, const vhost::VirtioNetHdr& h, uint8_t* slot) {
+  if (h.gso_type == vhost::kVirtioNetHdrGsoNone) {
+    if (len > out.capacity_after_data()) return false;
     std::memcpy(out.data, frame, len);
     out.len = uint32_t(len);
-    return !(h.flags & kNeedsCsum) || finish_partial_checksum(out.data, out.len, h.csum_start, h.csum_offset);
+    return !(h.flags & vhost::kVirtioNetHdrFNeedsCsum) ||
+           finish_partial_checksum(out.data, out.len, h.csum_start, h.csum_offset);
   }
-  uint8_t type = h.gso_type & ~kGsoEcn;
-  if (type != kGsoTcpv4 && type != kGsoTcpv6) return false;
-  if (!(h.flags & kNeedsCsum) || h.gso_size == 0 || len > kSuperPayloadMax) return false;
-  // Headers are looked for in the first 256 bytes (two VLAN tags, IPv6 extension headers, TCP
-  // options); the TCP checksum field keeps the pseudo-header sum the sender left.
-  size_t hdr = tcp_headers_end(frame, std::min<size_t>(len, 256));
-  if (hdr == 0 || hdr >= len || hdr + h.gso_size > room) return false;
+  size_t hdr = super_frame_headers(frame, len, h);
+  if (hdr == 0 || len - hdr > kSuperPayloadMax) return false;
+  // The TCP checksum field keeps the pseudo-header sum the sender left.
   std::memcpy(out.data, frame, hdr);
   std::memcpy(slot, frame + hdr, len - hdr);
   out.len = uint32_t(hdr);
@@ -104,6 +108,14 @@ bool take_offloaded_frame(Frame& out, const uint8_t* frame, size_t len, const Of
   out.offload.gso_type = h.gso_type;
   out.offload.gso_size = h.gso_size;
   return true;
+}
+
+vhost::VirtioNetHdr super_frame_vnet_header(const Frame& f) {
+  FlowKey key;
+  FrameLayout l;
+  extract_flow(f.data, f.len, 0, key, l);
+  return {vhost::kVirtioNetHdrFNeedsCsum, f.offload.gso_type, uint16_t(f.len), f.offload.gso_size, uint16_t(l.l4),
+          16 /* offsetof(tcphdr, check) */, 0};
 }
 
 size_t tcp_headers_end(const uint8_t* d, size_t len) {

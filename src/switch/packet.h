@@ -6,12 +6,13 @@
 #include <cstring>
 
 #include "switch/flow.h"
+#include "vhost/virtio_net_hdr.h"
 
 namespace keel::sw {
 
 // Segmentation offload of a TCP super-frame (the virtio-net header's gso_type and gso_size).
 struct Offload {
-  uint8_t gso_type = 0;  // 0: none; else VIRTIO_NET_HDR_GSO_TCPV4 (1) / TCPV6 (4), ECN bit (0x80) kept
+  uint8_t gso_type = 0;  // vhost::kVirtioNetHdrGso*: none, or TCPV4 / TCPV6, the ECN bit kept
   uint16_t gso_size = 0;  // payload bytes per segment
 };
 
@@ -58,23 +59,27 @@ size_t tcp_headers_end(const uint8_t* frame, size_t len);
 // outside the frame.
 bool finish_partial_checksum(uint8_t* frame, size_t len, size_t csum_start, size_t csum_offset);
 
-// What a sender's offloads say about a frame: the virtio-net header's fields, host byte order.
-struct OffloadHeader {
-  uint8_t flags = 0;     // VIRTIO_NET_HDR_F_NEEDS_CSUM (1): a partial checksum
-  uint8_t gso_type = 0;  // 0, or VIRTIO_NET_HDR_GSO_TCPV4 (1) / TCPV6 (4), ECN bit (0x80)
-  uint16_t gso_size = 0;
-  uint16_t csum_start = 0;
-  uint16_t csum_offset = 0;
-};
 // Room a super-frame's payload needs in a slot: the largest IP packet.
 inline constexpr size_t kSuperPayloadMax = 65535;
+// How far into a super-frame its headers are looked for: two VLAN tags, IPv6 with extension
+// headers, TCP with options.
+inline constexpr size_t kSuperHeadersMax = 256;
+
+// Where the headers (Ethernet to TCP) of a TCP super-frame of `len` bytes end, if `h` (from the
+// sender, so not trusted) describes one the switch can carry: TCP over IPv4/IPv6 as the frame's own
+// headers say (looked for in its first kSuperHeadersMax bytes), a partial checksum, a payload, and segments that fit a frame buffer. 0 otherwise.
+size_t super_frame_headers(const uint8_t* frame, size_t len, const vhost::VirtioNetHdr& h);
 
 // Takes a frame that arrived behind `h` (from a VM's virtio-net driver) into `out`: an ordinary frame
-// is copied, its partial checksum finished; a TCP super-frame keeps its headers in `out` and its
-// payload in `slot` (kSuperPayloadMax bytes), which must outlive the frame. `h` comes from the sender
-// and is checked against the frame: only TCP over IPv4/IPv6 with a partial checksum, and segments
-// that fit a frame buffer. False (nothing usable in `out`) when the frame is malformed.
-bool take_offloaded_frame(Frame& out, const uint8_t* frame, size_t len, const OffloadHeader& h, uint8_t* slot);
+// is copied, its partial checksum finished; a TCP super-frame (super_frame_headers) keeps its
+// headers in `out` and its payload in `slot` (kSuperPayloadMax bytes), which must outlive the frame.
+// False (nothing usable in `out`) when the frame is malformed.
+bool take_offloaded_frame(Frame& out, const uint8_t* frame, size_t len, const vhost::VirtioNetHdr& h, uint8_t* slot);
+
+// The virtio-net header that sends super-frame `f` whole to a receiver that segments it (a packet
+// socket, a guest with TCP segmentation offload): its type and segment size, and the partial TCP
+// checksum it carries.
+vhost::VirtioNetHdr super_frame_vnet_header(const Frame& f);
 
 // Cuts a TCP super-frame (headers `hdr` of `hdr_len` bytes, exactly up to the end of the TCP header,
 // VLAN tags included; `payload` separate) into segments of at most `mss` payload bytes, fixing IP

@@ -172,20 +172,10 @@ namespace {
 
 // AF_PACKET with recvmmsg/sendmmsg batching. The kernel strips VLAN tags into metadata on receive;
 // PACKET_AUXDATA gives them back and we re-insert them so the switch sees frames as on the wire.
-// The virtio-net header PACKET_VNET_HDR prepends (linux/virtio_net.h is not valid C++; same layout,
-// native byte order).
-struct virtio_net_hdr {
-  uint8_t flags;
-  uint8_t gso_type;
-  uint16_t hdr_len;
-  uint16_t gso_size;
-  uint16_t csum_start;
-  uint16_t csum_offset;
-};
-static_assert(sizeof(virtio_net_hdr) == 10);
-constexpr uint8_t VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
-constexpr uint8_t VIRTIO_NET_HDR_GSO_NONE = 0, VIRTIO_NET_HDR_GSO_TCPV4 = 1, VIRTIO_NET_HDR_GSO_TCPV6 = 4,
-                  VIRTIO_NET_HDR_GSO_ECN = 0x80;
+// The virtio-net header PACKET_VNET_HDR prepends: its first kVirtioNetHdrLegacySize bytes, native
+// byte order.
+using vhost::VirtioNetHdr;
+constexpr size_t kVnetHdrSize = vhost::kVirtioNetHdrLegacySize;
 
 // AF_PACKET: a TPACKET_V2 receive ring, sendmmsg to transmit.
 //
@@ -212,12 +202,12 @@ public:
   AfPacketPort(UniqueFd fd, std::string name, Mapping ring, UniqueFd tx_fd)
       : fd_(std::move(fd)), tx_fd_(std::move(tx_fd)), name_(std::move(name)), ring_(std::move(ring)) {
     if (tx_fd_.valid())
-      tx_thread_ = std::make_unique<TransmitThread>(tx_fd_.get(), sizeof(virtio_net_hdr), "ksw-tx-" + name_);
+      tx_thread_ = std::make_unique<TransmitThread>(tx_fd_.get(), kVnetHdrSize, "ksw-tx-" + name_);
     copy_msg_.msg_hdr.msg_iov = copy_iov_;
     copy_msg_.msg_hdr.msg_iovlen = 3;
-    copy_iov_[0] = {&copy_vnet_, sizeof(virtio_net_hdr)};
+    copy_iov_[0] = {&copy_vnet_, kVnetHdrSize};
     for (size_t i = 0; i < PacketBatch::kCapacity; ++i) {
-      tx_iov_[i][0] = {&tx_vnet_, sizeof(virtio_net_hdr)};
+      tx_iov_[i][0] = {&tx_vnet_, kVnetHdrSize};
       tx_iov_[i][1].iov_base = tx_buf_.get() + i * kTxSlot;
       tx_msgs_[i].msg_hdr.msg_iov = tx_iov_[i];
       tx_msgs_[i].msg_hdr.msg_iovlen = 2;
@@ -246,16 +236,16 @@ public:
       if (status & TP_STATUS_COPY) {
         // The whole frame waits on the socket queue, in ring order; the slot has only its start.
         added += receive_queued(batch, tci, tpid);
-      } else if (h->tp_mac < sizeof(tpacket2_hdr) + sizeof(virtio_net_hdr) || h->tp_snaplen != h->tp_len ||
+      } else if (h->tp_mac < sizeof(tpacket2_hdr) + kVnetHdrSize || h->tp_snaplen != h->tp_len ||
                  size_t(h->tp_mac) + h->tp_snaplen > kSlotSize) {
         counters.rx_errors++;  // truncated (cannot happen with our snap length) or a malformed slot
       } else {
-        virtio_net_hdr vh;
+        VirtioNetHdr vh;
         const uint8_t* data = reinterpret_cast<const uint8_t*>(h) + h->tp_mac;
-        std::memcpy(&vh, data - sizeof vh, sizeof vh);
+        std::memcpy(&vh, data - kVnetHdrSize, kVnetHdrSize);
         Frame& f = batch[batch.size()];
         f.reset_to_headroom();
-        if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+        if (vh.gso_type != vhost::kVirtioNetHdrGsoNone) {
           if (!segment(data, h->tp_len, vh, tci, tpid)) counters.rx_errors++;
         } else if (h->tp_len > f.capacity_after_data()) {
           counters.rx_errors++;
@@ -297,8 +287,7 @@ public:
 
   void flush() override {
     if (tx_thread_) {
-      tx_thread_->publish();
-      sync_counters();
+      tx_thread_->publish();  // its counts reach `counters` at sync_counters(), before they are read
       return;
     }
     size_t done = 0;
@@ -326,11 +315,7 @@ public:
       return;
     }
     if (!tx_thread_) flush();  // frames queued before it leave before it (the ring keeps the order)
-    FlowKey key;
-    FrameLayout l;
-    extract_flow(f.data, f.len, 0, key, l);
-    virtio_net_hdr vh{VIRTIO_NET_HDR_F_NEEDS_CSUM, f.offload.gso_type, uint16_t(f.len), f.offload.gso_size,
-                      l.l4, 16};
+    VirtioNetHdr vh = super_frame_vnet_header(f);
     if (tx_thread_ && !tx_thread_->drained()) {
       // Behind frames still queued: keep the order.
       if (!tx_thread_->push(&vh, f.data, f.len, f.payload, f.payload_len)) counters.tx_dropped++;
@@ -339,11 +324,11 @@ public:
     // Sent from here, without copying 64 KB into the transmit ring: with segmentation offload the
     // receiver's cost per byte is low, and the copy measured slower than the parallelism it buys
     // (TCP with offloads on, bench/switch: 15.0 Gb/s sent here vs 12.2 through the thread).
-    iovec iov[3] = {{&vh, sizeof vh}, {f.data, f.len}, {const_cast<uint8_t*>(f.payload), f.payload_len}};
+    iovec iov[3] = {{&vh, kVnetHdrSize}, {f.data, f.len}, {const_cast<uint8_t*>(f.payload), f.payload_len}};
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = 3;
-    if (sendmsg(tx_fd_.valid() ? tx_fd_.get() : fd_.get(), &msg, MSG_DONTWAIT) == ssize_t(sizeof vh + f.wire_len())) {
+    if (sendmsg(tx_fd_.valid() ? tx_fd_.get() : fd_.get(), &msg, MSG_DONTWAIT) == ssize_t(kVnetHdrSize + f.wire_len())) {
       counters.tx_packets++;
       counters.tx_bytes += f.wire_len();
     } else {
@@ -373,14 +358,14 @@ private:
   static constexpr size_t kTxSlot = 10240 - Frame::kHeadroom;
   // Super-frames kept whole: one slot per frame of a batch (the bridge is done with a batch before
   // it asks for the next), each kHead bytes of room plus the largest IP packet.
-  static constexpr size_t kHead = 256, kSuperSlot = kHead + 65536 + 64;
+  static constexpr size_t kHead = kSuperHeadersMax, kSuperSlot = kHead + 65536 + 64;
   // Segments waiting for a batch: enough for a batch of super-frames (32 x 45 MSS-sized segments).
   static constexpr size_t kMaxPending = 1536;
 
   // Finishes an ordinary frame already in `f` (the next slot of the batch): completes a partial
   // checksum, re-inserts the VLAN tag. Returns 1 when the frame joined the batch.
-  size_t accept(PacketBatch& batch, Frame& f, const virtio_net_hdr& vh, int tci, uint16_t tpid) {
-    if (f.len < 14 || ((vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+  size_t accept(PacketBatch& batch, Frame& f, const VirtioNetHdr& vh, int tci, uint16_t tpid) {
+    if (f.len < 14 || ((vh.flags & vhost::kVirtioNetHdrFNeedsCsum) &&
                        !finish_partial_checksum(f.data, f.len, vh.csum_start, vh.csum_offset))) {
       counters.rx_errors++;
       return 0;
@@ -405,18 +390,16 @@ private:
     // A pending socket error (ENETDOWN from a link change) is reported, and cleared, before any
     // frame: the frame is still queued behind it.
     if (n < 0 && errno != EAGAIN && errno != EINTR) n = recvmsg(fd_.get(), &copy_msg_.msg_hdr, MSG_DONTWAIT);
-    if (n < ssize_t(sizeof(virtio_net_hdr)) + 14 || (copy_msg_.msg_hdr.msg_flags & MSG_TRUNC)) {
+    if (n < ssize_t(kVnetHdrSize) + 14 || (copy_msg_.msg_hdr.msg_flags & MSG_TRUNC)) {
       if (n >= 0) counters.rx_errors++;
       return 0;
     }
-    size_t total = size_t(n) - sizeof(virtio_net_hdr);
+    size_t total = size_t(n) - kVnetHdrSize;
     size_t in_frame = std::min(total, kHead);
-    const virtio_net_hdr& vh = copy_vnet_;
-    if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-      uint8_t type = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
-      size_t hdr = tcp_headers_end(f.data, in_frame);
-      if ((type != VIRTIO_NET_HDR_GSO_TCPV4 && type != VIRTIO_NET_HDR_GSO_TCPV6) || hdr == 0 ||
-          vh.gso_size == 0 || hdr + vh.gso_size > kTxSlot || !(vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
+    const VirtioNetHdr& vh = copy_vnet_;
+    if (vh.gso_type != vhost::kVirtioNetHdrGsoNone) {
+      size_t hdr = super_frame_headers(f.data, total, vh);  // reads the first kHead bytes only
+      if (hdr == 0) {
         counters.rx_errors++;
         return 0;
       }
@@ -450,12 +433,10 @@ private:
 
   // TCP segmentation of a super-frame (untagged bytes `d`), as the sender's NIC would have done;
   // the segments wait in `pending_`.
-  bool segment(const uint8_t* d, size_t len, const virtio_net_hdr& vh, int tci, uint16_t tpid) {
-    uint8_t type = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
-    if (type != VIRTIO_NET_HDR_GSO_TCPV4 && type != VIRTIO_NET_HDR_GSO_TCPV6) return false;
-    size_t hdr = tcp_headers_end(d, len);
+  bool segment(const uint8_t* d, size_t len, const VirtioNetHdr& vh, int tci, uint16_t tpid) {
+    size_t hdr = super_frame_headers(d, len, vh);
     if (hdr == 0) return false;
-    size_t mss = vh.gso_size, count = mss ? (len - hdr + mss - 1) / mss : 0;
+    size_t mss = vh.gso_size, count = (len - hdr + mss - 1) / mss;
     if (pending_count_ + count > kMaxPending) {
       counters.rx_dropped++;  // the sender will retransmit what did not fit
       return true;
@@ -498,14 +479,14 @@ private:
   size_t rx_head_ = 0;  // the next slot the kernel fills
   mmsghdr copy_msg_{};
   iovec copy_iov_[3]{};
-  virtio_net_hdr copy_vnet_{};
+  VirtioNetHdr copy_vnet_{};
   std::unique_ptr<uint8_t[]> super_slots_{new uint8_t[PacketBatch::kCapacity * kSuperSlot]};
   size_t super_used_ = 0;  // slots given out in this receive()
   std::unique_ptr<uint8_t[]> seg_scratch_{new uint8_t[kTxSlot]};
   std::vector<Segment> pending_ = std::vector<Segment>(kMaxPending);
   size_t pending_head_ = 0, pending_count_ = 0;
   std::unique_ptr<uint8_t[]> tx_buf_{new uint8_t[PacketBatch::kCapacity * kTxSlot]};
-  virtio_net_hdr tx_vnet_{};  // always empty: we only send finished frames
+  VirtioNetHdr tx_vnet_{};  // always empty: we only send finished frames
   mmsghdr tx_msgs_[PacketBatch::kCapacity]{};
   iovec tx_iov_[PacketBatch::kCapacity][2]{};
   size_t tx_count_ = 0;

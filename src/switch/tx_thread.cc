@@ -131,6 +131,7 @@ uint64_t TransmitThread::send_records(uint64_t from, uint64_t to, bool may_wait)
   uint64_t ends[kBatch];  // where each message's record ends in the ring
   uint64_t pos = from;
   while (pos != to) {
+    const uint64_t batch_start = pos;
     size_t n = 0;
     while (pos != to && n < kBatch) {
       size_t offset = pos & mask_;
@@ -154,7 +155,7 @@ uint64_t TransmitThread::send_records(uint64_t from, uint64_t to, bool may_wait)
       }
       bool full = sent < 0 && (errno == EAGAIN || errno == ENOBUFS);
       if (full && !may_wait) {
-        pos = done ? ends[done - 1] : (n ? ends[0] - record_size(iovs[0].iov_len) : pos);
+        pos = done ? ends[done - 1] : batch_start;
         break;
       }
       if (full && wait_writable()) continue;

@@ -54,8 +54,7 @@ public:
       if (vh.gso_type != vhost::kVirtioNetHdrGsoNone && !super_slots_)
         super_slots_.reset(new uint8_t[PacketBatch::kCapacity * kSuperPayloadMax]);
       uint8_t* slot = super_slots_ ? super_slots_.get() + super_used_ * kSuperPayloadMax : nullptr;
-      OffloadHeader h{vh.flags, vh.gso_type, vh.gso_size, vh.csum_start, vh.csum_offset};
-      if (!take_offloaded_frame(out, frame.data(), frame.size(), h, slot)) {
+      if (!take_offloaded_frame(out, frame.data(), frame.size(), vh, slot)) {
         counters.rx_errors++;
         continue;
       }
@@ -104,12 +103,7 @@ public:
       return;
     }
     flush();  // frames staged before it reach the guest before it
-    FlowKey key;
-    FrameLayout l;
-    extract_flow(f.data, f.len, 0, key, l);
-    vhost::VirtioNetHdr vh{vhost::kVirtioNetHdrFNeedsCsum, f.offload.gso_type, uint16_t(f.len), f.offload.gso_size,
-                           uint16_t(l.l4), 16, 0};
-    if (net_->send_offloaded(vh, {f.data, f.len}, {f.payload, f.payload_len})) {
+    if (net_->send_offloaded(super_frame_vnet_header(f), {f.data, f.len}, {f.payload, f.payload_len})) {
       counters.tx_packets++;
       counters.tx_bytes += f.wire_len();
     } else {

@@ -112,7 +112,7 @@ uint64_t VhostNetPort::device_features() const {
 void VhostNetPort::on_features(uint64_t features) {
   mergeable_ = (features & feature_bit(kVirtioNetFMrgRxbuf)) != 0;
   bool long_header = mergeable_ || (features & feature_bit(kVirtioFVersion1));
-  header_size_ = long_header ? sizeof(VirtioNetHdr) : sizeof(VirtioNetHdr) - sizeof(uint16_t);
+  header_size_ = long_header ? sizeof(VirtioNetHdr) : kVirtioNetHdrLegacySize;
 }
 
 void VhostNetPort::on_queue_ready(uint32_t index, bool ready) {

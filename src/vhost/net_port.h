@@ -36,6 +36,7 @@
 
 #include "base/result.h"
 #include "vhost/backend.h"
+#include "vhost/virtio_net_hdr.h"
 #include "vhost/virtqueue.h"
 
 namespace keel::vhost {
@@ -54,23 +55,6 @@ inline constexpr int kVirtioNetFMrgRxbuf = 15;
 inline constexpr int kVirtioNetFStatus = 16;
 inline constexpr int kVirtioNetFCtrlVq = 17;
 inline constexpr int kVirtioNetFMq = 22;
-
-// struct virtio_net_hdr_mrg_rxbuf (all fields little-endian).
-struct VirtioNetHdr {
-  uint8_t flags;
-  uint8_t gso_type;
-  uint16_t hdr_len;
-  uint16_t gso_size;
-  uint16_t csum_start;
-  uint16_t csum_offset;
-  uint16_t num_buffers;  // only present with MRG_RXBUF or VERSION_1
-};
-static_assert(sizeof(VirtioNetHdr) == 12);
-inline constexpr uint8_t kVirtioNetHdrFNeedsCsum = 1;
-inline constexpr uint8_t kVirtioNetHdrGsoNone = 0;
-inline constexpr uint8_t kVirtioNetHdrGsoTcpv4 = 1;
-inline constexpr uint8_t kVirtioNetHdrGsoTcpv6 = 4;
-inline constexpr uint8_t kVirtioNetHdrGsoEcn = 0x80;
 
 // Largest frame (without the virtio-net header) the port passes either way: a TCP super-frame's
 // IP packet is at most 64 KB, and without offloads anything longer is malformed anyway.

@@ -18,7 +18,7 @@ volatile uint32_t g_sink;
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 8) return 0;
   auto le16 = [&](size_t at) { return uint16_t(data[at] | data[at + 1] << 8); };
-  OffloadHeader h{data[0], data[1], le16(2), le16(4), le16(6)};
+  keel::vhost::VirtioNetHdr h{data[0], data[1], 0, le16(2), le16(4), le16(6), 0};
   const uint8_t* frame = data + 8;
   size_t len = size - 8;
 

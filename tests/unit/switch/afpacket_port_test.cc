@@ -28,10 +28,9 @@ namespace {
 
 const uint8_t kA[6] = {2, 0, 0, 0, 0, 1}, kB[6] = {2, 0, 0, 0, 0, 2};  // test::super_frame's MACs
 
-struct VnetHeader {  // linux/virtio_net.h's virtio_net_hdr, native byte order
-  uint8_t flags, gso_type;
-  uint16_t hdr_len, gso_size, csum_start, csum_offset;
-};
+// The virtio-net header a packet socket with PACKET_VNET_HDR takes: its first 10 bytes.
+using VnetHeader = vhost::VirtioNetHdr;
+constexpr size_t kVnetHeaderSize = vhost::kVirtioNetHdrLegacySize;
 
 void ip(const std::vector<std::string>& args) {
   std::vector<std::string> argv = {"ip"};
@@ -69,11 +68,11 @@ protected:
   }
 
   void send(const std::vector<uint8_t>& frame, VnetHeader vh = {}) {
-    iovec iov[2] = {{&vh, sizeof vh}, {const_cast<uint8_t*>(frame.data()), frame.size()}};
+    iovec iov[2] = {{&vh, kVnetHeaderSize}, {const_cast<uint8_t*>(frame.data()), frame.size()}};
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = 2;
-    ASSERT_EQ(sendmsg(sender_.get(), &msg, 0), ssize_t(sizeof vh + frame.size())) << strerror(errno);
+    ASSERT_EQ(sendmsg(sender_.get(), &msg, 0), ssize_t(kVnetHeaderSize + frame.size())) << strerror(errno);
   }
 
   // Receives until `count` frames arrived (or a second passes without any).
@@ -168,7 +167,7 @@ struct CollectingPort final : Port {
   std::vector<std::vector<uint8_t>> sent;
 };
 
-constexpr uint8_t kNeedsCsum = 1, kGsoTcpv4 = 1;
+constexpr uint8_t kNeedsCsum = vhost::kVirtioNetHdrFNeedsCsum, kGsoTcpv4 = vhost::kVirtioNetHdrGsoTcpv4;
 constexpr size_t kMss = 1448;
 
 TEST_F(AfPacketPortTest, TcpSuperFramesArriveWholeAndCutIntoValidSegments) {
@@ -180,7 +179,7 @@ TEST_F(AfPacketPortTest, TcpSuperFramesArriveWholeAndCutIntoValidSegments) {
     const uint32_t seq0 = 0x12345678;
     auto f = test::super_frame(20001, seq0, tci);
     const size_t l4 = tci >= 0 ? 38 : 34;
-    send(f, VnetHeader{kNeedsCsum, kGsoTcpv4, uint16_t(l4 + 20), uint16_t(kMss), uint16_t(l4), 16});
+    send(f, VnetHeader{kNeedsCsum, kGsoTcpv4, uint16_t(l4 + 20), uint16_t(kMss), uint16_t(l4), 16, 0});
     PacketBatch batch;
     receive_ours(*port_, batch);
     ASSERT_EQ(batch.size(), 1u);
@@ -202,7 +201,7 @@ TEST_F(AfPacketPortTest, SuperFramesLeaveWholeThroughAnotherAfPacketPort) {
   // ksw-a's port receives a super-frame and sends it out of ksw-a again: it reaches ksw-b whole
   // (one GSO frame, as a port on ksw-b sees it), with headers and payload unchanged.
   auto f = test::super_frame(30000, 7);
-  send(f, VnetHeader{kNeedsCsum, kGsoTcpv4, 54, uint16_t(kMss), 34, 16});
+  send(f, VnetHeader{kNeedsCsum, kGsoTcpv4, 54, uint16_t(kMss), 34, 16, 0});
   PacketBatch batch;
   receive_ours(*port_, batch);
   ASSERT_EQ(batch.size(), 1u);

@@ -14,7 +14,7 @@ namespace keel::sw {
 namespace {
 
 constexpr size_t kMss = 1448;
-constexpr uint8_t kGsoTcpv4 = 1;
+constexpr uint8_t kGsoTcpv4 = vhost::kVirtioNetHdrGsoTcpv4;
 
 // A port that receives one queued super-frame per receive() and records super-frames sent to it.
 class SuperFramePort final : public Port {

@@ -107,7 +107,7 @@ TEST_F(NetPortTest, OffloadsAreOfferedOnlyWhenAsked) {
   EXPECT_FALSE(port->guest_accepts(3));  // UDP fragmentation offload: never offered
 }
 
-TEST_F(NetPortTest, AGuestThatTakesNoOffloadsGetsNone) {
+TEST_F(NetPortTest, GuestAcceptsOnlyTheOffloadsItNegotiated) {
   FrontendOptions fe_options;
   fe_options.wanted_features = ~(feature_bit(kVirtioNetFGuestTso4) | feature_bit(kVirtioNetFGuestEcn));
   setup(with_offloads(), fe_options);
